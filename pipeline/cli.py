@@ -73,5 +73,87 @@ def config_cmd(config: ConfigArg, set_: SetOpt = None) -> None:
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
+# ------------------------------------------------------------------------- orchestration (flows/, issue 7)
+# These commands call into flows/ (Prefect) lazily, inside the command body: pipeline/ itself never
+# imports prefect, and `satdet --help` stays instant.
+
+
+@app.command("run")
+@friendly_errors
+def run_cmd(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Ignore cached stage results and re-run every stage.")] = False,
+) -> None:
+    """Run the training pipeline as a Prefect flow: tile → dataset → train → evaluate (finished stages are cached)."""
+    load(config, set_)  # fail fast, with one line, before Prefect starts
+    from flows.training import train_pipeline
+
+    result = train_pipeline(config_path=str(config), overrides=list(set_ or []), force=force)
+    ap50 = result.get("AP50")
+    typer.echo(f"AP50 (scene, {result['eval_split']}): {ap50:.3f}" if ap50 is not None else "AP50: not available")
+    typer.echo(f"report: {result['report']}")
+    typer.echo(f"run dir: {result['run_dir']}")
+
+
+@app.command("predict-flow")
+@friendly_errors
+def predict_flow_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="Run's model/ folder (or its export/ SavedModel).")],
+    scenes: Annotated[list[Path], typer.Argument(help="Scene rasters to predict.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the detection files.")],
+    config: Annotated[
+        Optional[Path], typer.Option("--config", "-c", help="Config whose `predict:` section to use.")
+    ] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Predict whole scenes with an exported model, as a Prefect flow (one task per scene)."""
+    cfg = load(config, set_) if config or set_ else None
+    from flows.prediction import predict_scenes
+
+    written = predict_scenes(
+        model_dir=str(model_dir),
+        scenes=[str(s) for s in scenes],
+        out=str(out),
+        predict=cfg.predict.model_dump(mode="json") if cfg else None,
+    )
+    for path in written:
+        typer.echo(path)
+
+
+@app.command("schedule")
+@friendly_errors
+def schedule_cmd(
+    config: ConfigArg,
+    cron: Annotated[str, typer.Option("--cron", help="Cron schedule (UTC unless --timezone).")] = "0 3 * * 0",
+    name: Annotated[Optional[str], typer.Option("--name", help="Deployment name; default satdet-<run name>.")] = None,
+    timezone: Annotated[str, typer.Option("--timezone", help="IANA timezone of the cron schedule.")] = "UTC",
+    set_: SetOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the deployment instead of serving it.")] = False,
+) -> None:
+    """Serve the training flow as a scheduled deployment (needs a Prefect server: PREFECT_API_URL)."""
+    cfg = load(config, set_)
+    from flows.schedule import describe_deployment, serve_training
+
+    if dry_run:
+        typer.echo(describe_deployment(config, cfg, cron=cron, name=name, timezone=timezone, overrides=set_))
+        return
+    serve_training(config, cfg, cron=cron, name=name, timezone=timezone, overrides=set_)
+
+
+# ------------------------------------------------------------------------------------ environment (issue 8)
+@app.command("doctor")
+def doctor_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the probe results as JSON.")] = False,
+) -> None:
+    """Check the environment: TensorFlow, visible GPUs, CUDA/cuDNN build, rasterio/GDAL, Prefect."""
+    import json
+
+    from pipeline.doctor import collect, format_report
+
+    info = collect()
+    typer.echo(json.dumps(info, indent=2) if as_json else format_report(info))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
