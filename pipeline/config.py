@@ -66,6 +66,12 @@ class TilingConfig(_Section):
     stats_percentiles: tuple[float, float] = Field((1.0, 99.0), description="Per-band low/high percentiles.")
     shard_size: int = Field(256, gt=0, description="Tiles per TFRecord shard.")
     workers: int = Field(0, ge=0, description="Processes for tiling scenes in parallel; 0 = number of CPUs.")
+    units: Literal["px", "m"] = Field(
+        "px", description="Unit of tile_size and overlap: pixels, or metres (converted with each scene's pixel size)."
+    )
+    stats_max_pixels: int = Field(
+        200_000, gt=0, description="Pixels sampled per scene from training tiles for stats.json (bounded memory)."
+    )
 
     @model_validator(mode="after")
     def _overlap_below_tile(self) -> TilingConfig:
@@ -181,6 +187,11 @@ class ClipConfig(_Section):
     z_threshold: float = Field(2.5, gt=0, description="zclip: z-score above which the norm is clipped.")
     ema_alpha: float = Field(0.97, gt=0, lt=1, description="zclip: EMA decay of the norm mean/variance.")
     warmup_steps: int = Field(25, ge=0, description="autoclip/zclip: steps collecting statistics before clipping.")
+    agc_exempt: list[str] = Field(
+        default_factory=list,
+        description="agc: substrings of variable paths left unclipped, added to the model's own "
+        "agc_exempt_variables() (the final classifier, as in the NFNets paper).",
+    )
 
 
 class TrainConfig(_Section):
@@ -218,6 +229,13 @@ class PredictConfig(_Section):
     merge: Literal["nms", "wbf"] = Field("nms", description="How boxes are merged across window seams.")
     merge_iou: float = Field(0.5, gt=0, le=1, description="IoU for the seam merge.")
     max_nodata_fraction: float = Field(0.5, ge=0, le=1, description="Boxes mostly over nodata are dropped.")
+    edge_tolerance: float = Field(
+        2.0, ge=0, description="A box within this many px of an interior window edge counts as cut by it (seam rule)."
+    )
+    format: Literal["geojson", "gpkg"] = Field(
+        "geojson", description="Output: GeoJSON in EPSG:4326 (RFC 7946) or GeoPackage in the scene CRS."
+    )
+    per_scene: bool = Field(False, description="One output file per scene instead of one per run.")
 
 
 # --------------------------------------------------------------------------------------------- root

@@ -1,0 +1,92 @@
+"""Stand-ins with the detector's and dataset's contracts, small enough for fast trainer tests.
+
+`TinyDetector.compute_losses(images, targets, training)` returns the four Faster R-CNN loss names, each
+a smooth function of the weights that training can lower; `synthetic_dataset` yields the contract's
+(images, {"boxes", "labels", "num_boxes"}) batches, deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pipeline.config import Config
+
+SIZE, CHANNELS, MAX_BOXES = 16, 3, 4
+
+
+class TinyDetector(keras.Model):
+    """conv → pool → four small heads, one per loss term; the last Dense plays the 'final classifier'."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.conv = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")
+        self.pool = keras.layers.GlobalAveragePooling2D()
+        self.hidden = keras.layers.Dense(8, activation="relu", name="hidden")
+        self.box_head = keras.layers.Dense(4, name="box_head")
+        self.cls_score = keras.layers.Dense(2, name="cls_score")
+
+    def call(self, images, training=False):
+        h = self.hidden(self.pool(self.conv(images)))
+        return {"box": self.box_head(h), "cls": self.cls_score(h)}
+
+    def compute_losses(self, images, targets, training=True):
+        out = self(images, training=training)
+        box, cls = tf.cast(out["box"], tf.float32), tf.cast(out["cls"], tf.float32)
+        count = tf.cast(targets["num_boxes"], tf.float32) / MAX_BOXES
+        first = targets["boxes"][:, 0, :] / SIZE
+        has = tf.cast(targets["num_boxes"] > 0, tf.int32)
+        return {
+            "rpn_objectness": tf.reduce_mean(tf.square(cls[:, 0] - count)),
+            "rpn_box": tf.reduce_mean(tf.abs(box[:, :2] - first[:, :2])),
+            "roi_class": tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(has, cls, from_logits=True)),
+            "roi_box": tf.reduce_mean(tf.square(box[:, 2:] - first[:, 2:])),
+        }
+
+    def agc_exempt_variables(self):
+        return list(self.cls_score.trainable_variables)
+
+
+def build_model(seed: int = 0) -> TinyDetector:
+    keras.utils.set_random_seed(seed)
+    model = TinyDetector()
+    model(tf.zeros([1, SIZE, SIZE, CHANNELS]))
+    return model
+
+
+def synthetic_arrays(n: int = 32, seed: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    num = rng.integers(0, MAX_BOXES + 1, size=n).astype(np.int32)
+    boxes = np.zeros((n, MAX_BOXES, 4), np.float32)
+    images = rng.normal(size=(n, SIZE, SIZE, CHANNELS)).astype(np.float32) * 0.1
+    for i in range(n):
+        for j in range(num[i]):
+            x0, y0 = rng.uniform(0, SIZE - 6, size=2)
+            w, h = rng.uniform(2, 6, size=2)
+            boxes[i, j] = [x0, y0, x0 + w, y0 + h]
+            images[i, int(y0) : int(y0 + h), int(x0) : int(x0 + w), :] += 1.0  # objects are bright
+    labels = (np.arange(MAX_BOXES)[None, :] < num[:, None]).astype(np.int32)
+    return images, {"boxes": boxes, "labels": labels, "num_boxes": num}
+
+
+def synthetic_dataset(batch: int = 4, n: int = 32, seed: int = 0) -> tf.data.Dataset:
+    images, targets = synthetic_arrays(n, seed)
+    ds = tf.data.Dataset.from_tensor_slices((images, targets))
+    return ds.shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat().batch(batch, drop_remainder=True)
+
+
+def tiny_config(steps: int = 20, clip: dict | None = None, learning_rate: float = 0.05, **train: object) -> Config:
+    """A Config whose train block suits the tiny stand-ins (fast, CPU, no XLA)."""
+    cfg = Config()
+    cfg.train.steps = steps
+    cfg.train.log_every = 5
+    cfg.train.checkpoint_every = 10
+    cfg.train.jit_compile = False
+    cfg.train.schedule.warmup_steps = 3
+    cfg.train.optimizer.learning_rate = learning_rate
+    for key, value in (clip or {}).items():
+        setattr(cfg.train.clip, key, value)
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
