@@ -16,8 +16,19 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import SatdetError
+
 PNG_DTYPES = {"uint8"}
 PNG_CHANNELS = {1, 3, 4}
+# prefix of in-graph assertion messages, so pipeline.data.dataset can turn them into one-line SatdetErrors
+ERROR_TAG = "SATDET: "
+# dtypes tf.io.decode_raw can read back (it has no uint32/uint64)
+RAW_DTYPES = ("uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64")
+
+
+def uses_png(dtype: str, channels: int) -> bool:
+    """Whether tiles of this dtype/band count are stored as PNG (else raw little-endian bytes)."""
+    return dtype in PNG_DTYPES and channels in PNG_CHANNELS
 
 
 def _bytes(v: bytes) -> Any:
@@ -58,18 +69,28 @@ def encode_tile(
     """Serialise one tile. `image` is (H, W, C) of any numeric dtype; boxes (N, 4) xyxy; labels (N,)."""
     import tensorflow as tf
 
-    if image.ndim != 3:
+    image = np.asarray(image)
+    if image.ndim != 3 or 0 in image.shape:
         raise ValueError(f"tile {tile_id}: image must be (H, W, C), got shape {image.shape}")
     h, w, c = image.shape
     dtype = image.dtype.name
-    if dtype in PNG_DTYPES and c in PNG_CHANNELS:
+    if dtype not in RAW_DTYPES:
+        raise SatdetError(
+            f"tile {tile_id}: pixel dtype {dtype} cannot be stored in a TFRecord tile; "
+            f"convert the imagery to one of {', '.join(RAW_DTYPES)}"
+        )
+    if uses_png(dtype, c):
         encoded, fmt = _png(image), b"png"
     else:
-        encoded, fmt = np.ascontiguousarray(image).astype(image.dtype.newbyteorder("<")).tobytes(), b"raw"
+        encoded, fmt = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("<")).tobytes(), b"raw"
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     labels = np.asarray(labels, np.int64).reshape(-1)
     if len(boxes) != len(labels):
         raise ValueError(f"tile {tile_id}: {len(boxes)} boxes but {len(labels)} labels")
+    if not np.isfinite(boxes).all():
+        raise ValueError(f"tile {tile_id}: boxes contain NaN or inf")
+    if (labels < 1).any():
+        raise ValueError(f"tile {tile_id}: labels must be 1-based class ids (0 is background), got {labels.min()}")
     feature = {
         "image/encoded": _bytes(encoded),
         "image/format": _bytes(fmt),
@@ -107,17 +128,28 @@ def parse_tile(serialized: Any, dtype: str, channels: int) -> dict[str, Any]:
     """Parse one serialised tile into tensors: image (H, W, C) of `dtype`, boxes (N, 4), labels (N,), id, scene.
 
     `dtype` and `channels` come from stats.json (every tile of a tiling run shares them), so the decode
-    branch is chosen in Python and the image gets a static channel count.
+    branch is chosen in Python and the image gets a static channel count. A tile whose own dtype or
+    band count differs fails an assertion that names the tile id (not an opaque reshape error).
     """
     import tensorflow as tf
 
     ex = tf.io.parse_single_example(serialized, feature_spec())
     h = tf.cast(ex["image/height"], tf.int32)
     w = tf.cast(ex["image/width"], tf.int32)
-    if dtype in PNG_DTYPES and channels in PNG_CHANNELS:
-        image = tf.io.decode_png(ex["image/encoded"], channels=channels, dtype=tf.uint8)
+    same_kind = tf.logical_and(
+        tf.equal(ex["image/dtype"], dtype), tf.equal(ex["image/channels"], tf.constant(channels, tf.int64))
+    )
+    message = tf.strings.format(
+        ERROR_TAG + "tile {} has dtype {} with {} bands but stats.json says " + f"{dtype} with {channels} bands",
+        (ex["tile/id"], ex["image/dtype"], ex["image/channels"]),
+    )
+    check = tf.debugging.Assert(same_kind, [message])
+    with tf.control_dependencies([check]):
+        encoded = tf.identity(ex["image/encoded"])
+    if uses_png(dtype, channels):
+        image = tf.io.decode_png(encoded, channels=channels, dtype=tf.uint8)
     else:
-        image = tf.io.decode_raw(ex["image/encoded"], tf.dtypes.as_dtype(np.dtype(dtype)), little_endian=True)
+        image = tf.io.decode_raw(encoded, tf.dtypes.as_dtype(np.dtype(dtype)), little_endian=True)
         image = tf.reshape(image, tf.stack([h, w, channels]))
     image.set_shape([None, None, channels])
     boxes = tf.reshape(tf.sparse.to_dense(ex["boxes"]), [-1, 4])
@@ -137,6 +169,8 @@ def decode_tile_numpy(serialized: bytes) -> dict[str, Any]:
     data = f["image/encoded"].bytes_list.value[0]
     if f["image/format"].bytes_list.value[0] == b"png":
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise ValueError(f"tile {f['tile/id'].bytes_list.value[0].decode()}: PNG data is corrupt")
         img = img.reshape(h, w, -1)
         if c == 3:
             img = img[:, :, ::-1]

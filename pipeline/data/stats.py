@@ -1,0 +1,91 @@
+"""Per-band normalisation from tiles/stats.json — the one definition used by tf.data and the exported model.
+
+    x_norm = (clip(x, low, high) - mean) / std
+
+`low`/`high` are per-band percentiles of the training pixels; `mean`/`std` are measured on the clipped
+training pixels (written by the tiling stage). A band with std 0 (constant) is divided by 1 instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import SatdetError
+
+STATS_FILE = "stats.json"
+_PER_BAND = ("low", "high", "mean", "std")
+
+
+def load_stats(tiles_dir: str | Path) -> dict[str, Any]:
+    """Read and validate `tiles_dir/stats.json`; a missing or malformed file is a SatdetError."""
+    path = Path(tiles_dir) / STATS_FILE
+    if not path.is_file():
+        raise SatdetError(f"{path}: not found; run the tiling stage first (satdet tile CONFIG)")
+    try:
+        stats = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SatdetError(f"{path}: not valid JSON ({err.__class__.__name__}); re-run the tiling stage") from None
+    validate_stats(stats, str(path))
+    return stats
+
+
+def validate_stats(stats: Any, source: str = "stats") -> None:
+    """Check the fields `normalize` and the decoders rely on; raise SatdetError naming `source`."""
+    if not isinstance(stats, dict):
+        raise SatdetError(f"{source}: top level must be an object; re-run the tiling stage")
+    missing = [k for k in ("dtype", "channels", *_PER_BAND) if k not in stats]
+    if missing:
+        raise SatdetError(f"{source}: missing keys {missing}; re-run the tiling stage")
+    try:
+        np.dtype(stats["dtype"])
+    except TypeError:
+        raise SatdetError(f"{source}: unknown dtype {stats['dtype']!r}; re-run the tiling stage") from None
+    channels = stats["channels"]
+    if not isinstance(channels, int) or channels < 1:
+        raise SatdetError(f"{source}: channels must be a positive integer, got {channels!r}")
+    for key in _PER_BAND:
+        values = stats[key]
+        if not isinstance(values, list) or len(values) != channels:
+            raise SatdetError(f"{source}: {key!r} must be a list of {channels} numbers (one per band), got {values!r}")
+        if not all(isinstance(v, (int, float)) and np.isfinite(v) for v in values):
+            raise SatdetError(f"{source}: {key!r} must hold finite numbers, got {values!r}")
+    if any(h < lo for lo, h in zip(stats["low"], stats["high"])):
+        raise SatdetError(f"{source}: 'high' must be >= 'low' for every band; re-run the tiling stage")
+    if any(s < 0 for s in stats["std"]):
+        raise SatdetError(f"{source}: 'std' must be >= 0 for every band")
+
+
+def _constants(stats: dict[str, Any]) -> tuple[np.ndarray, ...]:
+    low, high, mean, std = (np.asarray(stats[k], np.float32) for k in _PER_BAND)
+    std = np.where(std > 0, std, np.float32(1.0))  # a constant band would divide by zero
+    return low, high, mean, std
+
+
+def normalize(images: Any, stats: dict[str, Any]) -> Any:
+    """Normalise raw pixels (..., C) of any numeric dtype to float32: (clip(x, low, high) - mean) / std.
+
+    Pure TF with the per-band numbers baked in as constants, so it runs inside tf.data, in a
+    tf.function, and inside an exported SavedModel.
+    """
+    import tensorflow as tf
+
+    low, high, mean, std = _constants(stats)
+    x = tf.cast(images, tf.float32)
+    x = tf.clip_by_value(x, low, high)
+    return (x - mean) / std
+
+
+def denormalize(images: Any, stats: dict[str, Any]) -> np.ndarray:
+    """NumPy inverse of `normalize` (up to the clip): back to the raw pixel scale, float32 — for display."""
+    _, _, mean, std = _constants(stats)
+    return np.asarray(images, np.float32) * std + mean
+
+
+def normalize_numpy(images: np.ndarray, stats: dict[str, Any]) -> np.ndarray:
+    """NumPy twin of `normalize` (for tools and reference checks)."""
+    low, high, mean, std = _constants(stats)
+    return (np.clip(np.asarray(images, np.float32), low, high) - mean) / std
