@@ -119,6 +119,9 @@ class ModelConfig(_Section):
         [32, 64, 128, 256, 512], description="Anchor size (px) per FPN level, finest first."
     )
     aspect_ratios: list[float] = Field([0.5, 1.0, 2.0], description="Anchor aspect ratios (h/w).")
+    anchor_scales_per_octave: int = Field(
+        1, ge=1, le=4, description="Anchor scales per level: size * 2**(i/n), i < n (2-3 densify sizes for small objects)."
+    )
     rpn_fg_iou: float = Field(0.7, description="Anchor is positive at IoU >= this.")
     rpn_bg_iou: float = Field(0.3, description="Anchor is negative at IoU < this.")
     rpn_batch_per_image: int = Field(256, description="Anchors sampled per image for the RPN loss.")
@@ -132,6 +135,13 @@ class ModelConfig(_Section):
     roi_positive_fraction: float = Field(0.25, description="Max positive fraction of sampled ROIs.")
     roi_fg_iou: float = Field(0.5, description="ROI is foreground at IoU >= this.")
     roi_size: int = Field(7, description="ROIAlign output size.")
+    roi_sampling_ratio: int = Field(2, ge=1, description="ROIAlign bilinear samples per bin side (torchvision: 2).")
+    roi_align_impl: Literal["auto", "crop_and_resize", "gather"] = Field(
+        "auto",
+        description="ROIAlign kernel: 'crop_and_resize' (fast on CPU, no XLA), 'gather' (XLA-compatible); "
+        "'auto' = gather when a GPU is visible. Use 'gather' with train.jit_compile=true on CPU.",
+    )
+    seed: int = Field(0, description="Seed of the anchor/ROI sampling RNG (its state is saved with the weights).")
     head_dim: int = Field(1024, description="Box head FC width.")
     score_threshold: float = Field(0.05, description="Detections below this score are dropped.")
     nms_iou: float = Field(0.5, description="Per-class NMS IoU at inference.")

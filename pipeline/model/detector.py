@@ -1,0 +1,186 @@
+"""FasterRCNN(keras.Model): backbone + FPN + RPN + ROI box head, with static shapes throughout.
+
+    model = build_detector(config.model, num_classes=len(config.classes), bands=3)
+    losses = model.compute_losses(images, targets, training=True)   # four float32 scalars
+    detections = model(images, training=False)                       # padded boxes/scores/classes
+
+Images are normalised float32 ``[B, H, W, C]`` with static H, W (any size: they are zero-padded at the
+bottom/right to a multiple of 32 inside, and all outputs are in the unpadded image's pixels). Anchors are
+NumPy constants of the static shape, so each new image size traces a new graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from pipeline.config import ModelConfig
+from pipeline.model.anchors import multilevel_anchors, num_anchors_per_location
+from pipeline.model.backbone import build_backbone
+from pipeline.model.boxes import BoxCoder, batched_nms, clip_boxes
+from pipeline.model.fpn import FPN
+from pipeline.model.roi import BoxHead, resolve_roi_align_impl, roi_align, roi_loss, sample_rois
+from pipeline.model.rpn import RPNHead, gt_valid_mask, masked_iou, match_anchors, propose, rpn_loss, sample_balanced
+
+LOSS_NAMES = ("rpn_objectness", "rpn_box", "roi_class", "roi_box")
+_SIZE_DIVISOR = 32  # the coarsest backbone stride
+_ROI_MAX_LEVEL = 5  # ROI heads pool from P2-P5 at most (P6 exists for large anchors only)
+
+
+@contextlib.contextmanager
+def _dtype_policy(name: str) -> Iterator[None]:
+    """Build layers under a keras dtype policy without leaving it set globally."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+class FasterRCNN(keras.Model):
+    """Faster R-CNN with FPN (torchvision's design and defaults, see docs/model.md).
+
+    Args:
+        model_cfg: the ``model`` config section (or its dict).
+        num_classes: number of object classes (background excluded; labels are 1-based).
+        bands: input channels.
+    """
+
+    def __init__(self, model_cfg: ModelConfig | dict, num_classes: int, bands: int, **kwargs: Any) -> None:
+        cfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig.model_validate(model_cfg)
+        kwargs.setdefault("dtype", cfg.mixed_precision)
+        super().__init__(**kwargs)
+        self.cfg = cfg
+        self.num_classes = int(num_classes)
+        self.bands = int(bands)
+        self.roi_min_level = cfg.min_level
+        self.roi_max_level = min(cfg.max_level, _ROI_MAX_LEVEL)
+        self.num_anchors = num_anchors_per_location(cfg.aspect_ratios, cfg.anchor_scales_per_octave)
+        self.rpn_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+        self.roi_coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+        self.roi_align_impl = resolve_roi_align_impl(cfg.roi_align_impl)
+        backbone_top = min(cfg.max_level, _ROI_MAX_LEVEL)
+        with _dtype_policy(cfg.mixed_precision):
+            self.backbone = build_backbone(cfg.backbone, self.bands, cfg.weights)
+            self.fpn = FPN(cfg.fpn_channels, num_inputs=backbone_top - cfg.min_level + 1,
+                           extra_levels=cfg.max_level - backbone_top, name="fpn")
+            self.rpn_head = RPNHead(cfg.fpn_channels, self.num_anchors, name="rpn_head")
+            self.box_head = BoxHead(self.num_classes, cfg.head_dim, name="box_head")
+        self.seed_generator = keras.random.SeedGenerator(cfg.seed, name="sampling_seed")
+        # Create every weight now (eagerly, tiny input) so checkpoints and tf.function tracing see them.
+        self._features(tf.zeros([1, 64, 64, self.bands]), training=False)
+        self.box_head.build((None, None, cfg.roi_size, cfg.roi_size, cfg.fpn_channels))
+
+    # ----------------------------------------------------------------------------------- shared parts
+    def _features(self, images: tf.Tensor, training: bool) -> list[tf.Tensor]:
+        """FPN levels min_level..max_level (finest first) of images padded to a multiple of 32."""
+        h, w = images.shape[1], images.shape[2]
+        if h is None or w is None:
+            raise ValueError("FasterRCNN needs images with a static height and width")
+        ph, pw = (-h) % _SIZE_DIVISOR, (-w) % _SIZE_DIVISOR
+        x = tf.cast(images, tf.float32)
+        if ph or pw:
+            x = tf.pad(x, [[0, 0], [0, ph], [0, pw], [0, 0]])
+        c = self.backbone(x, training=training)
+        return self.fpn(c[self.cfg.min_level - 2 : self.roi_max_level - 1])
+
+    def _anchors(self, features: list[tf.Tensor]) -> list[tf.Tensor]:
+        shapes = [(f.shape[1], f.shape[2]) for f in features]
+        strides = [2**level for level in range(self.cfg.min_level, self.cfg.max_level + 1)]
+        arrays = multilevel_anchors(shapes, strides, self.cfg.anchor_sizes, self.cfg.aspect_ratios,
+                                    self.cfg.anchor_scales_per_octave)
+        return [tf.constant(a) for a in arrays]
+
+    def _roi_features(self, features: list[tf.Tensor], boxes: tf.Tensor) -> tf.Tensor:
+        levels = features[: self.roi_max_level - self.roi_min_level + 1]
+        return roi_align(levels, boxes, self.roi_min_level, self.cfg.roi_size, self.cfg.roi_sampling_ratio,
+                         self.roi_align_impl)
+
+    # ----------------------------------------------------------------------------------- training
+    def compute_losses(self, images: tf.Tensor, targets: dict[str, tf.Tensor], training: bool = True
+                       ) -> dict[str, tf.Tensor]:
+        """The four float32 loss scalars for a batch with padded targets (boxes xyxy px, labels 1-based)."""
+        cfg = self.cfg
+        size = (images.shape[1], images.shape[2])
+        gt_boxes = tf.cast(targets["boxes"], tf.float32)
+        gt_labels = tf.cast(targets["labels"], tf.int32)
+        num_boxes = tf.cast(targets["num_boxes"], tf.int32)
+        gt_valid = gt_valid_mask(num_boxes, gt_boxes.shape[1])
+
+        features = self._features(images, training)
+        logits, deltas = self.rpn_head(features)
+        level_anchors = self._anchors(features)
+        anchors = tf.concat(level_anchors, axis=0)
+
+        labels, matched = match_anchors(masked_iou(anchors, gt_boxes, gt_valid), cfg.rpn_fg_iou, cfg.rpn_bg_iou)
+        positive, negative = sample_balanced(labels, cfg.rpn_batch_per_image, cfg.rpn_positive_fraction,
+                                             self.seed_generator)
+        rpn_obj, rpn_box = rpn_loss(logits, deltas, anchors, gt_boxes, matched, positive, negative, self.rpn_coder)
+
+        proposals, valid = propose(logits, deltas, level_anchors, size, self.rpn_coder, cfg.rpn_pre_nms_top_n_train,
+                                   cfg.rpn_post_nms_top_n_train, cfg.rpn_nms_iou)
+        rois = sample_rois(proposals, valid, gt_boxes, gt_labels, num_boxes, cfg.roi_batch_per_image,
+                           cfg.roi_positive_fraction, cfg.roi_fg_iou, self.seed_generator)
+        cls_logits, box_deltas = self.box_head(self._roi_features(features, rois["boxes"]))
+        roi_cls, roi_box = roi_loss(cls_logits, box_deltas, rois, self.roi_coder)
+        return {"rpn_objectness": rpn_obj, "rpn_box": rpn_box, "roi_class": roi_cls, "roi_box": roi_box}
+
+    # ----------------------------------------------------------------------------------- inference
+    def call(self, images: tf.Tensor, training: bool = False) -> dict[str, tf.Tensor]:
+        """Detections: boxes [B, N, 4] xyxy px, scores [B, N], classes [B, N] int32 (1-based),
+        num_detections [B] int32, with N = max_detections (padding rows are zero)."""
+        cfg = self.cfg
+        height, width = images.shape[1], images.shape[2]
+        features = self._features(images, training)
+        logits, deltas = self.rpn_head(features)
+        proposals, valid = propose(logits, deltas, self._anchors(features), (height, width), self.rpn_coder,
+                                   cfg.rpn_pre_nms_top_n_test, cfg.rpn_post_nms_top_n_test, cfg.rpn_nms_iou)
+        cls_logits, box_deltas = self.box_head(self._roi_features(features, proposals))
+        return self._postprocess(proposals, valid, cls_logits, box_deltas, height, width)
+
+    def _postprocess(self, proposals: tf.Tensor, valid: tf.Tensor, cls_logits: tf.Tensor, box_deltas: tf.Tensor,
+                     height: int, width: int) -> dict[str, tf.Tensor]:
+        cfg = self.cfg
+        k = self.num_classes
+        b, p = tf.shape(proposals)[0], proposals.shape[1]
+        scores = tf.nn.softmax(cls_logits, axis=-1)[..., 1:]  # [B, P, K]
+        boxes = clip_boxes(self.roi_coder.decode(proposals[:, :, None, :], box_deltas), height, width)  # [B, P, K, 4]
+        big = ((boxes[..., 2] - boxes[..., 0]) >= 1e-2) & ((boxes[..., 3] - boxes[..., 1]) >= 1e-2)
+        scores = tf.where(big & valid[..., None], scores, 0.0)
+        boxes = tf.reshape(boxes, [b, p * k, 4])
+        scores = tf.reshape(scores, [b, p * k])
+        classes = tf.tile(tf.range(1, k + 1, dtype=tf.int32)[None], [b, p])
+        # Many classes: pre-select the best candidates so NMS stays cheap (no effect for a few classes).
+        limit = max(4 * cfg.max_detections, 4000)
+        if p * k > limit:
+            scores, top = tf.math.top_k(scores, k=limit)
+            boxes = tf.gather(boxes, top, batch_dims=1)
+            classes = tf.gather(classes, top, batch_dims=1)
+        keep, num = batched_nms(boxes, scores, classes, cfg.max_detections, cfg.nms_iou, cfg.score_threshold)
+        mask = tf.range(keep.shape[1])[None, :] < num[:, None]
+        out = {
+            "boxes": tf.where(mask[..., None], tf.gather(boxes, keep, batch_dims=1), 0.0),
+            "scores": tf.where(mask, tf.gather(scores, keep, batch_dims=1), 0.0),
+            "classes": tf.where(mask, tf.gather(classes, keep, batch_dims=1), 0),
+        }
+        pad = cfg.max_detections - keep.shape[1]
+        if pad > 0:
+            out = {key: tf.pad(v, [[0, 0], [0, pad]] + [[0, 0]] * (len(v.shape) - 2)) for key, v in out.items()}
+        out["num_detections"] = num
+        return out
+
+    def get_config(self) -> dict[str, Any]:
+        return {"model_cfg": self.cfg.model_dump(mode="json"), "num_classes": self.num_classes, "bands": self.bands}
+
+
+def build_detector(model_cfg: ModelConfig, num_classes: int, bands: int) -> FasterRCNN:
+    """Build a FasterRCNN for ``num_classes`` object classes and ``bands`` input channels."""
+    return FasterRCNN(model_cfg, num_classes, bands)
+
+
+__all__ = ["FasterRCNN", "LOSS_NAMES", "build_detector"]

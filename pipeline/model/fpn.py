@@ -1,0 +1,52 @@
+"""Feature Pyramid Network (Lin et al. 2017) as in torchvision: lateral 1x1, top-down nearest upsampling,
+3x3 output convolutions, and extra coarser levels by stride-2 subsampling (torchvision's LastLevelMaxPool).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+
+class FPN(keras.layers.Layer):
+    """Maps backbone features ``[C_min .. C_top]`` (finest first) to ``[P_min .. P_max]``.
+
+    Args:
+        channels: output channels of every level.
+        num_inputs: number of backbone levels used (``C_min .. C_top``, ``top <= 5``).
+        extra_levels: levels above the last backbone level, each a stride-2 subsample of the previous one.
+    """
+
+    def __init__(self, channels: int = 256, num_inputs: int = 4, extra_levels: int = 1, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.channels = channels
+        self.num_inputs = num_inputs
+        self.extra_levels = extra_levels
+        # torchvision initialises FPN convs with kaiming_uniform(a=1) = uniform variance 1/fan_in.
+        init = keras.initializers.VarianceScaling(1.0, "fan_in", "uniform")
+        self.lateral = [
+            keras.layers.Conv2D(channels, 1, kernel_initializer=init, dtype=self.dtype_policy, name=f"lateral_{i}")
+            for i in range(num_inputs)
+        ]
+        self.output_convs = [
+            keras.layers.Conv2D(channels, 3, padding="same", kernel_initializer=init, dtype=self.dtype_policy,
+                                name=f"output_{i}")
+            for i in range(num_inputs)
+        ]
+
+    def call(self, features: list[tf.Tensor]) -> list[tf.Tensor]:
+        laterals = [conv(f) for conv, f in zip(self.lateral, features)]
+        merged = [laterals[-1]]
+        for lateral in reversed(laterals[:-1]):
+            up = tf.repeat(tf.repeat(merged[0], 2, axis=1), 2, axis=2)
+            # Inputs are padded to a multiple of 32, so 2x upsampling matches exactly; crop keeps odd sizes safe.
+            up = up[:, : lateral.shape[1], : lateral.shape[2]]
+            merged.insert(0, lateral + up)
+        outs = [conv(m) for conv, m in zip(self.output_convs, merged)]
+        for _ in range(self.extra_levels):
+            outs.append(outs[-1][:, ::2, ::2])
+        return outs
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "channels": self.channels, "num_inputs": self.num_inputs,
+                "extra_levels": self.extra_levels}
