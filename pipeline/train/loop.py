@@ -1,0 +1,431 @@
+"""The training loop: a `tf.function` step (tape → unscale → all-reduce → finiteness → clip → apply) and
+`run_training`, which wires data, model, optimizer, clipping, telemetry, checkpoints, validation and export.
+
+Order of operations in one step (why it matters is in docs/clipping.md):
+
+1. forward + losses under `tf.GradientTape`; the loss is multiplied by the loss scale (mixed_float16) and
+   by 1/replicas (so the cross-replica SUM is the mean gradient);
+2. gradients are unscaled, then all-reduced across replicas (MirroredStrategy);
+3. a non-finite loss or gradient marks the step as skipped: the update is not applied (weights, optimizer
+   slots and iteration count untouched), the skip counter grows and the loss scale halves;
+4. the clipper sees the unscaled, reduced, global gradient — never a per-replica or scaled one;
+5. `optimizer.apply_gradients` with the clipped gradient (the optimizer's own all-reduce is disabled:
+   the gradient is already reduced).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from pipeline.config import Config
+from pipeline.train.checkpoints import (
+    RunState,
+    checkpoint_manager,
+    load_best,
+    make_checkpoint,
+    restore_latest,
+    save_best,
+)
+from pipeline.train.clipping import ClipStrategy, build_clipper
+from pipeline.train.optim import build_optimizer
+from pipeline.train.schedule import build_schedule
+from pipeline.train.telemetry import Telemetry
+
+LOSS_KEYS = ("rpn_objectness", "rpn_box", "roi_class", "roi_box")
+_ONE = dict(trainable=False, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+
+class LossScale(tf.Module):
+    """Dynamic loss scaling for float16: halve on a non-finite gradient, double after `growth_interval`
+    finite steps in a row (the scheme of Keras' LossScaleOptimizer, kept here so we can clip in between)."""
+
+    def __init__(self, initial: float = 2.0**15, growth_interval: int = 2000):
+        super().__init__(name="loss_scale")
+        self.growth_interval = int(growth_interval)
+        self.scale = tf.Variable(float(initial), name="scale", **_ONE)
+        self.good_steps = tf.Variable(tf.constant(0, tf.int64), name="good_steps", **_ONE)
+
+    def update(self, finite: tf.Tensor) -> None:
+        grow = finite & (self.good_steps + 1 >= self.growth_interval)
+        self.scale.assign(tf.where(finite, tf.where(grow, self.scale * 2.0, self.scale), self.scale * 0.5))
+        self.good_steps.assign(tf.where(finite & ~grow, self.good_steps + 1, tf.constant(0, tf.int64)))
+
+
+class TrainStep(tf.Module):
+    """Callable train step ``step(images, targets) -> dict of scalar tensors`` with checkpointable counters.
+
+    Counters: ``skipped`` (non-finite steps), ``clipped_total`` and ``steps_total`` (for the clip fraction).
+    With a ``strategy`` of several replicas, call it with the per-replica values of a distributed dataset.
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        optimizer: keras.optimizers.Optimizer,
+        clipper: ClipStrategy,
+        *,
+        strategy: tf.distribute.Strategy | None = None,
+        loss_scale: LossScale | None = None,
+        jit_compile: bool = False,
+    ):
+        super().__init__(name="train_step")
+        self.model, self.optimizer, self.clipper = model, optimizer, clipper
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.replicas = int(self.strategy.num_replicas_in_sync)
+        self.loss_scale = loss_scale
+        self.skipped = tf.Variable(tf.constant(0, tf.int64), name="skipped", **_ONE)
+        self.clipped_total = tf.Variable(tf.constant(0, tf.int64), name="clipped_total", **_ONE)
+        self.steps_total = tf.Variable(tf.constant(0, tf.int64), name="steps_total", **_ONE)
+        # Gradients reach the optimizer already all-reduced; Keras' TF optimizer would SUM them across
+        # replicas again (it has no experimental_aggregate_gradients switch in Keras 3), so turn that off.
+        # If a future Keras renames the hook, fall back to pre-dividing by the replica count.
+        self._pre_divide = 1.0
+        if self.replicas > 1:
+            if hasattr(optimizer, "_all_reduce_sum_gradients"):
+                optimizer._all_reduce_sum_gradients = lambda grads_and_vars: list(grads_and_vars)
+            else:  # pragma: no cover - depends on the Keras version
+                self._pre_divide = 1.0 / self.replicas
+        self._grads = tf.function(self._compute_grads, jit_compile=jit_compile) if self.replicas > 1 else self._compute_grads
+        if self.replicas > 1:
+            self._fn = tf.function(self._distributed)
+        else:
+            self._fn = tf.function(self._replica_step, jit_compile=jit_compile)
+
+    def __call__(self, images: Any, targets: Any) -> dict[str, tf.Tensor]:
+        return self._fn(images, targets)
+
+    # ------------------------------------------------------------------ per replica
+    def _compute_grads(self, images, targets):
+        variables = self.model.trainable_variables
+        scale = self.loss_scale.scale if self.loss_scale is not None else tf.constant(1.0)
+        with tf.GradientTape() as tape:
+            raw = self.model.compute_losses(images, targets, training=True)
+            losses = {k: tf.cast(raw[k], tf.float32) for k in LOSS_KEYS}
+            total = tf.add_n(list(losses.values()))
+            if self.model.losses:  # weight regularisers declared on layers
+                losses["regularization"] = tf.add_n([tf.cast(x, tf.float32) for x in self.model.losses])
+                total = total + losses["regularization"]
+            scaled = total * (scale / self.replicas)
+        grads = tape.gradient(scaled, variables)
+        grads = [None if g is None else tf.cast(g, tf.float32) / scale for g in grads]
+        return losses, total, grads
+
+    def _replica_step(self, images, targets):
+        losses, total, grads = self._grads(images, targets)
+        pairs = [(g, v) for g, v in zip(grads, self.model.trainable_variables) if g is not None]
+        grads, variables = [g for g, _ in pairs], [v for _, v in pairs]
+        if self.replicas > 1:
+            ctx = tf.distribute.get_replica_context()
+            grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
+            scalars = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, [total, *losses.values()])
+            total, losses = scalars[0], dict(zip(losses, scalars[1:]))
+        finite = tf.math.is_finite(total) & tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        clipped, stats = self.clipper(grads, variables, total)
+        if self._pre_divide != 1.0:  # pragma: no cover
+            clipped = [g * self._pre_divide for g in clipped]
+        if self.loss_scale is not None:
+            self.loss_scale.update(finite)
+        self._apply_if(finite, clipped, variables)
+        self.skipped.assign_add(tf.cast(~finite, tf.int64))
+        self.clipped_total.assign_add(tf.cast(stats.clipped & finite, tf.int64))
+        self.steps_total.assign_add(1)
+        out = dict(losses)
+        out.update(
+            loss=total,
+            grad_norm_before=stats.norm_before,
+            grad_norm_after=stats.norm_after,
+            clipped=stats.clipped & finite,
+            clip_threshold=stats.threshold,
+            skipped=~finite,
+        )
+        return out
+
+    def _apply_if(self, finite: tf.Tensor, grads: list[tf.Tensor], variables: list) -> None:
+        """apply_gradients only when `finite`. Under MirroredStrategy without no-merge-call support the cond
+        must sit in cross-replica context (apply_gradients calls merge_call) — Keras' LossScaleOptimizer
+        does the same."""
+
+        def apply(g, v):
+            self.optimizer.apply_gradients(zip(g, v))
+            return tf.constant(True)
+
+        if self.replicas == 1 or tf.__internal__.distribute.strategy_supports_no_merge_call():
+            tf.cond(finite, lambda: apply(grads, variables), lambda: tf.constant(False))
+            return
+
+        def cross_replica(distribution, finite, grads, variables):
+            first = distribution.experimental_local_results(finite)[0]
+
+            def do_apply():
+                distribution.extended.call_for_each_replica(apply, args=(grads, variables))
+                return tf.constant(True)
+
+            tf.cond(first, do_apply, lambda: tf.constant(False))
+
+        tf.distribute.get_replica_context().merge_call(cross_replica, args=(finite, grads, variables))
+
+    def _distributed(self, images, targets):
+        out = self.strategy.run(self._replica_step, args=(images, targets))
+        # Every value was all-reduced inside the step, so the first replica's copy is the global one.
+        return {k: self.strategy.experimental_local_results(v)[0] for k, v in out.items()}
+
+
+def make_train_step(
+    model: keras.Model,
+    optimizer: keras.optimizers.Optimizer,
+    clipper: ClipStrategy,
+    *,
+    strategy: tf.distribute.Strategy | None = None,
+    loss_scale: LossScale | None = None,
+    jit_compile: bool = False,
+) -> TrainStep:
+    """Build the train step (see `TrainStep`). Create it inside `strategy.scope()` when distributed."""
+    return TrainStep(model, optimizer, clipper, strategy=strategy, loss_scale=loss_scale, jit_compile=jit_compile)
+
+
+# ====================================================================================== the run
+def choose_strategy(mode: str) -> tf.distribute.Strategy:
+    """'mirrored' → MirroredStrategy; 'auto' → MirroredStrategy when more than one GPU; else default."""
+    gpus = tf.config.list_logical_devices("GPU")
+    if mode == "mirrored" or (mode == "auto" and len(gpus) > 1):
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _to_float(x: Any) -> Any:
+    v = x.numpy() if hasattr(x, "numpy") else x
+    return bool(v) if getattr(v, "dtype", None) == bool or isinstance(v, bool) else float(v)
+
+
+class _Progress:
+    """A rich progress bar showing step, loss, img/s and clip fraction (silent when disabled)."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  {task.fields[ips]} img/s  clip {task.fields[clip]}"),
+                TimeRemainingColumn(),
+            )
+            self.task = self.bar.add_task("train", total=total, completed=start, loss="-", ips="-", clip="-")
+            self.bar.start()
+
+    def update(self, step: int, record: dict[str, Any] | None = None) -> None:
+        if self.bar is None:
+            return
+        fields = {}
+        if record:
+            fields = dict(
+                loss=f"{record['loss']:.4f}" if isinstance(record.get("loss"), float) else "nan",
+                ips=f"{record['images_per_s']:.1f}",
+                clip=f"{record['clip_fraction_total']:.0%}",
+            )
+        self.bar.update(self.task, completed=step, **fields)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def fit(
+    model: keras.Model,
+    dataset_fn: Callable[[], tf.data.Dataset],
+    config: Config,
+    model_dir: Path,
+    *,
+    resume: bool = False,
+    strategy: tf.distribute.Strategy | None = None,
+    evaluate_fn: Callable[[keras.Model], float] | None = None,
+    agc_exempt: list[str] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train `model` on batches from `dataset_fn()` per `config.train`; returns a summary dict.
+
+    `dataset_fn` returns a *deterministic* dataset of (images, targets) batches; it is repeated and, on
+    resume, advanced past the batches already consumed (the data position), so a resumed run sees the
+    same batches as an uninterrupted one. `evaluate_fn(model) -> AP50` scores validation data for the
+    best checkpoint and early stopping. Build the model inside `strategy.scope()` when distributed.
+    """
+    tcfg = config.train
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    strategy = strategy or tf.distribute.get_strategy()
+    batch_size = None
+
+    with strategy.scope():
+        state = RunState(config.seed)
+        tf.random.set_global_generator(state.rng)
+        optimizer = build_optimizer(tcfg.optimizer, build_schedule(tcfg.schedule, tcfg.optimizer.learning_rate, tcfg.steps))
+        optimizer.build(model.trainable_variables)  # slots exist before restore (no restore-on-create in tf.function)
+        clipper = build_clipper(tcfg.clip, exempt=agc_exempt or [])
+        loss_scale = LossScale() if config.model.mixed_precision == "mixed_float16" else None
+        step_fn = make_train_step(
+            model, optimizer, clipper, strategy=strategy, loss_scale=loss_scale,
+            jit_compile=bool(tcfg.jit_compile) if tcfg.jit_compile is not None else bool(tf.config.list_logical_devices("GPU")),
+        )
+    ckpt = make_checkpoint(model=model, optimizer=optimizer, clip=clipper, train_step=step_fn, state=state)
+    manager = checkpoint_manager(ckpt, model_dir, tcfg.keep_checkpoints)
+    restored = restore_latest(ckpt, manager) if resume else None
+    start = int(state.step.numpy())
+
+    dataset = dataset_fn().repeat().skip(int(state.data_position.numpy()))
+    spec_images = dataset.element_spec[0]
+    batch_size = spec_images.shape[0]
+    if strategy.num_replicas_in_sync > 1:
+        dataset = strategy.experimental_distribute_dataset(dataset)
+    iterator = iter(dataset)
+
+    telemetry = Telemetry(model_dir, start_step=start)
+    bar = _Progress(tcfg.steps, start, progress)
+    t_start = time.monotonic()
+    window_t, window_steps, window_images = time.monotonic(), 0, 0
+    last_clipped, last_steps = int(step_fn.clipped_total.numpy()), int(step_fn.steps_total.numpy())
+    stop_reason, step, out = "steps", start, None
+    try:
+        while step < tcfg.steps:
+            images, targets = next(iterator)
+            out = step_fn(images, targets)
+            step += 1
+            state.step.assign(step)
+            state.data_position.assign_add(1)
+            window_steps += 1
+            window_images += batch_size if batch_size else _batch_of(images)
+            if step % tcfg.log_every == 0 or step == tcfg.steps:
+                now = time.monotonic()
+                clipped_total, steps_total = int(step_fn.clipped_total.numpy()), int(step_fn.steps_total.numpy())
+                rec = {k: _to_float(v) for k, v in out.items() if k != "skipped"}
+                rec.update(
+                    lr=float(_to_float(optimizer.learning_rate)),
+                    clip_fraction=(clipped_total - last_clipped) / max(steps_total - last_steps, 1),
+                    clip_fraction_total=clipped_total / max(steps_total, 1),
+                    skipped_steps=int(step_fn.skipped.numpy()),
+                    images_per_s=window_images / max(now - window_t, 1e-9),
+                    steps_per_s=window_steps / max(now - window_t, 1e-9),
+                )
+                if loss_scale is not None:
+                    rec["loss_scale"] = float(loss_scale.scale.numpy())
+                record = telemetry.log(step, rec)
+                bar.update(step, record)
+                window_t, window_steps, window_images = now, 0, 0
+                last_clipped, last_steps = clipped_total, steps_total
+            else:
+                bar.update(step)
+            if evaluate_fn is not None and tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
+                if _evaluate(evaluate_fn, model, model_dir, state, step, telemetry, tcfg.early_stopping_patience):
+                    stop_reason = "early_stopping"
+            if step % tcfg.checkpoint_every == 0:
+                manager.save(checkpoint_number=step)
+            if stop_reason == "early_stopping":
+                break
+            if tcfg.time_budget_minutes and (time.monotonic() - t_start) > tcfg.time_budget_minutes * 60:
+                stop_reason = "time_budget"
+                break
+    finally:
+        bar.close()
+    if evaluate_fn is not None and stop_reason != "early_stopping":
+        _evaluate(evaluate_fn, model, model_dir, state, step, telemetry, 0)
+    if manager.latest_checkpoint is None or not manager.latest_checkpoint.endswith(f"-{step}"):
+        manager.save(checkpoint_number=step)
+    telemetry.close()
+    return {
+        "step": step,
+        "stop_reason": stop_reason,
+        "resumed_from": restored,
+        "skipped_steps": int(step_fn.skipped.numpy()),
+        "clip_fraction": int(step_fn.clipped_total.numpy()) / max(int(step_fn.steps_total.numpy()), 1),
+        "final_loss": _to_float(out["loss"]) if out is not None else math.nan,
+        "best_ap50": float(state.best_ap50.numpy()),
+        "wall_s": time.monotonic() - t_start,
+    }
+
+
+def _batch_of(images: Any) -> int:
+    parts = getattr(images, "values", (images,))
+    return int(sum(int(tf.shape(p)[0]) for p in parts))
+
+
+def _evaluate(evaluate_fn, model, model_dir: Path, state: RunState, step: int, telemetry: Telemetry, patience: int) -> bool:
+    """Score validation AP50, keep the best weights; True when early stopping should end the run."""
+    ap50 = float(evaluate_fn(model))
+    telemetry.log(step, {"val_ap50": ap50})
+    if ap50 > float(state.best_ap50.numpy()):
+        state.best_ap50.assign(ap50)
+        state.evals_since_best.assign(0)
+        save_best(model, model_dir, step, ap50)
+        return False
+    state.evals_since_best.assign_add(1)
+    return bool(patience) and int(state.evals_since_best.numpy()) >= patience
+
+
+def run_training(config: Config, tiles_dir: Path, model_dir: Path, resume: bool = False) -> Path:
+    """Train the detector on `tiles_dir`, write checkpoints/, tensorboard/, train_log.jsonl, best/ and
+    export/ under `model_dir`; returns `model_dir`."""
+    from pipeline.data.dataset import build_dataset
+    from pipeline.data.stats import load_stats
+    from pipeline.model.detector import build_detector
+    from pipeline.model.export import export_model
+
+    tiles_dir, model_dir = Path(tiles_dir), Path(model_dir)
+    stats = load_stats(tiles_dir)
+    keras.utils.set_random_seed(config.seed)
+    strategy = choose_strategy(config.train.distribute)
+    previous_policy = keras.config.dtype_policy()
+    with strategy.scope():
+        keras.config.set_dtype_policy(config.model.mixed_precision)
+        try:
+            model = build_detector(config.model, len(config.classes), int(stats["channels"]))
+            _ensure_built(model, build_dataset(tiles_dir, "train", config, training=False))
+        finally:
+            keras.config.set_dtype_policy(previous_policy)
+    exempt = [str(getattr(v, "path", v.name)) for v in getattr(model, "agc_exempt_variables", lambda: [])()]
+    evaluate_fn = _make_validation(config, tiles_dir)
+    summary = fit(
+        model,
+        lambda: build_dataset(tiles_dir, "train", config, training=True),
+        config,
+        model_dir,
+        resume=resume,
+        strategy=strategy,
+        evaluate_fn=evaluate_fn,
+        agc_exempt=exempt,
+    )
+    if evaluate_fn is not None:
+        load_best(model, model_dir)  # export the best validation weights, not just the last ones
+    export_model(model, stats, list(config.classes), model_dir / "export", int(stats["tile_size"]))
+    from pipeline.files import atomic_write_json
+
+    atomic_write_json(model_dir / "train_summary.json", summary)
+    return model_dir
+
+
+def _ensure_built(model: keras.Model, dataset: tf.data.Dataset) -> None:
+    """Create the model's variables (needed before the optimizer is built and a checkpoint restored)."""
+    if model.built and model.trainable_variables:
+        return
+    images, _ = next(iter(dataset.take(1)))
+    model(images[:1], training=False)
+
+
+def _make_validation(config: Config, tiles_dir: Path) -> Callable[[keras.Model], float] | None:
+    """AP50 on the validation tiles with pipeline.evaluate.metrics; None when there is no val split."""
+    from pipeline.data.dataset import build_dataset
+
+    try:
+        val = build_dataset(tiles_dir, "val", config, training=False)
+    except Exception:  # noqa: BLE001 - no val split (or it is empty): train without validation
+        return None
+    from pipeline.train.validation import validation_ap50
+
+    return lambda model: validation_ap50(model, val, list(config.classes), config.evaluate.max_dets)

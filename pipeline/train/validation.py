@@ -1,0 +1,30 @@
+"""Validation AP50 during training: run the model in inference mode on the val tiles and score with
+pipeline.evaluate.metrics (pycocotools) — the number used for the best checkpoint and early stopping."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from pipeline.evaluate.metrics import ImageBoxes, ImageDetections, coco_metrics
+
+
+def validation_ap50(model: keras.Model, dataset: tf.data.Dataset, class_names: list[str], max_dets: int = 1000) -> float:
+    """COCO AP50 of `model` over a finite (images, targets) dataset; -1 when there is no ground truth."""
+    gts: list[ImageBoxes] = []
+    dets: list[ImageDetections] = []
+    for images, targets in dataset:
+        out = model(images, training=False)
+        boxes, labels, nb = targets["boxes"].numpy(), targets["labels"].numpy(), targets["num_boxes"].numpy()
+        d_boxes, d_scores = out["boxes"].numpy(), out["scores"].numpy()
+        d_classes, nd = out["classes"].numpy(), out["num_detections"].numpy()
+        for i in range(len(nb)):
+            gts.append(ImageBoxes(boxes[i, : nb[i]], labels[i, : nb[i]], image_id=str(len(gts))))
+            k = int(nd[i])
+            dets.append(ImageDetections(d_boxes[i, :k], d_classes[i, :k], image_id=str(len(dets)), scores=d_scores[i, :k]))
+    if not gts:
+        return -1.0
+    return float(coco_metrics(gts, dets, class_names, max_dets=max_dets)["AP50"])
+
+
+__all__ = ["validation_ap50"]

@@ -1,0 +1,146 @@
+"""The train step: clipping order, mixed precision, non-finite skips, and a short fit on synthetic data."""
+
+from __future__ import annotations
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pipeline.config import ClipConfig, OptimizerConfig
+from pipeline.train.clipping import ClipStrategy, build_clipper
+from pipeline.train.loop import LOSS_KEYS, LossScale, fit, make_train_step
+from pipeline.train.optim import build_optimizer
+from pipeline.train.telemetry import read_log
+from standin import build_model, synthetic_arrays, synthetic_dataset, tiny_config
+
+
+def _batch(n=4, seed=0):
+    images, targets = synthetic_arrays(n, seed)
+    return tf.constant(images), {k: tf.constant(v) for k, v in targets.items()}
+
+
+def _sgd(lr=0.1):
+    return build_optimizer(OptimizerConfig(name="sgd", learning_rate=lr, momentum=0.9, weight_decay=0.0), lr)
+
+
+def _manual_grads(model, images, targets):
+    with tf.GradientTape() as tape:
+        loss = tf.add_n(list(model.compute_losses(images, targets, training=True).values()))
+    return loss, tape.gradient(loss, model.trainable_variables)
+
+
+class _Spy(ClipStrategy):
+    """Records the gradients the clipper is handed (eager values pulled out of the graph)."""
+
+    def __init__(self, inner):
+        super().__init__(name="spy")
+        self.inner, self.seen = inner, []
+
+    def _clip(self, grads, variables, loss, norm):
+        self.seen.append(norm)
+        out, st = self.inner(grads, variables, loss)
+        return out, st.threshold, st.clipped
+
+
+def test_global_norm_step_equals_manual_clip_by_global_norm_step():
+    images, targets = _batch()
+    model, ref = build_model(0), build_model(0)
+    loss, grads = _manual_grads(ref, images, targets)
+    norm = float(tf.linalg.global_norm(grads))
+    clip_norm = norm / 4  # make sure clipping is active
+    step = make_train_step(model, _sgd(), build_clipper(ClipConfig(strategy="global_norm", clip_norm=clip_norm)))
+    out = step(images, targets)
+    ref_opt = _sgd()
+    clipped, _ = tf.clip_by_global_norm(grads, clip_norm)
+    ref_opt.apply_gradients(zip(clipped, ref.trainable_variables))
+    for a, b in zip(model.trainable_variables, ref.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
+    assert float(out["grad_norm_before"]) == pytest.approx(norm, rel=1e-5)
+    assert float(out["grad_norm_after"]) == pytest.approx(clip_norm, rel=1e-5)
+    assert bool(out["clipped"]) and not bool(out["skipped"])
+    assert float(out["loss"]) == pytest.approx(float(loss), rel=1e-6)
+    assert set(LOSS_KEYS) <= set(out)
+
+
+def test_mixed_precision_clips_unscaled_gradients():
+    images, targets = _batch()
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model, ref = build_model(0), build_model(0)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert model.conv.compute_dtype == "float16"
+    _, grads = _manual_grads(ref, images, targets)
+    norm = float(tf.linalg.global_norm(grads))
+    clip_norm = norm / 2  # scaled gradients (x 1024) clipped to this would give a ~1000x smaller update
+    step = make_train_step(
+        model, _sgd(), build_clipper(ClipConfig(strategy="global_norm", clip_norm=clip_norm)),
+        loss_scale=LossScale(initial=1024.0),
+    )
+    out = step(images, targets)
+    assert float(out["grad_norm_before"]) == pytest.approx(norm, rel=2e-2)
+    clipped, _ = tf.clip_by_global_norm(grads, clip_norm)
+    ref_opt = _sgd()
+    ref_opt.apply_gradients(zip(clipped, ref.trainable_variables))
+    for a, b in zip(model.trainable_variables, ref.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=2e-2, atol=2e-4)
+    assert float(step.loss_scale.scale.numpy()) == 1024.0
+
+
+def test_non_finite_gradient_skips_the_step_and_leaves_weights_untouched():
+    images, targets = _batch()
+    model = build_model(0)
+    opt = _sgd()
+    clipper = build_clipper(ClipConfig(strategy="autoclip", warmup_steps=0, history=8))
+    step = make_train_step(model, opt, clipper, loss_scale=LossScale(initial=8.0))
+    step(images, targets)  # one good step builds the optimizer and fills the history
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    slots = [v.numpy().copy() for v in opt.variables]
+    bad = tf.tensor_scatter_nd_update(images, [[0, 0, 0, 0]], [np.nan])
+    out = step(bad, targets)
+    assert bool(out["skipped"])  # (ReLU may hide the NaN from the loss; the gradient carries it)
+    for a, b in zip(model.trainable_variables, before):
+        np.testing.assert_array_equal(a.numpy(), b)
+    for a, b in zip(opt.variables, slots):  # momentum, iteration count: untouched too
+        np.testing.assert_array_equal(a.numpy(), b)
+    assert int(step.skipped.numpy()) == 1
+    assert int(clipper.count.numpy()) == 1  # the NaN norm did not enter the autoclip history
+    assert float(step.loss_scale.scale.numpy()) == 4.0  # halved
+    out = step(images, targets)  # training continues
+    assert not bool(out["skipped"]) and int(opt.iterations.numpy()) == 2
+
+
+def test_fit_lowers_the_loss_and_writes_telemetry_and_checkpoints(tmp_path):
+    cfg = tiny_config(steps=60, clip={"strategy": "zclip", "warmup_steps": 5}, learning_rate=0.05)
+    cfg.train.log_every = 10
+    cfg.train.checkpoint_every = 30
+    cfg.train.optimizer.name = "adam"
+    cfg.train.optimizer.learning_rate = 0.03
+    summary = fit(build_model(0), lambda: synthetic_dataset(batch=8), cfg, tmp_path, progress=False)
+    log = read_log(tmp_path)
+    assert [r["step"] for r in log] == [10, 20, 30, 40, 50, 60]
+    first, last = log[0]["loss"], np.mean([r["loss"] for r in log[-2:]])
+    assert last < 0.8 * first
+    for key in ("loss", *LOSS_KEYS, "lr", "grad_norm_before", "grad_norm_after", "clipped", "clip_fraction",
+                "clip_fraction_total", "skipped_steps", "images_per_s", "clip_threshold"):
+        assert key in log[-1], key
+    assert summary["step"] == 60 and summary["skipped_steps"] == 0
+    ckpts = tf.train.get_checkpoint_state(str(tmp_path / "checkpoints")).all_model_checkpoint_paths
+    assert [p.rsplit("-", 1)[1] for p in ckpts] == ["30", "60"]
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    json.dumps(log)  # the log is plain JSON
+
+
+def test_fit_keeps_best_checkpoint_and_stops_early(tmp_path):
+    cfg = tiny_config(steps=50, eval_every=5, early_stopping_patience=2)
+    scores = iter([0.2, 0.5, 0.4, 0.3, 0.9, 0.9])
+    summary = fit(build_model(0), lambda: synthetic_dataset(), cfg, tmp_path, evaluate_fn=lambda m: next(scores),
+                  progress=False)
+    assert summary["stop_reason"] == "early_stopping" and summary["step"] == 20
+    best = json.loads((tmp_path / "best" / "best.json").read_text())
+    assert best == {"step": 10, "ap50": 0.5}
+    assert (tmp_path / "best" / "model.weights.h5").exists()
