@@ -73,6 +73,45 @@ def config_cmd(config: ConfigArg, set_: SetOpt = None) -> None:
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
+# ------------------------------------------------------------------------------------ tiling (issue 2)
+@app.command("tile")
+@friendly_errors
+def tile_cmd(config: ConfigArg, set_: SetOpt = None) -> None:
+    """Tile the configured scenes into TFRecords (run_dir/tiles) and write the resolved config."""
+    from pipeline.config import save_config
+    from pipeline.geo.tiling import run_tiling, summary_lines
+
+    cfg = load(config, set_)
+    tiles = run_tiling(cfg)
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    for line in summary_lines(tiles):
+        typer.echo(line)
+    typer.echo(f"config: {cfg.run_dir / 'config.yaml'}")
+
+
+@app.command("synth")
+@friendly_errors
+def synth_cmd(
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the scenes (created).")],
+    n_scenes: Annotated[int, typer.Option("--n-scenes", min=1, help="Number of scenes.")] = 2,
+    size: Annotated[int, typer.Option("--size", min=64, help="Scene width and height in pixels.")] = 512,
+    seed: Annotated[int, typer.Option("--seed", help="Seed (same seed, same scenes).")] = 0,
+    dtype: Annotated[str, typer.Option("--dtype", help="uint8 or uint16.")] = "uint8",
+    bands: Annotated[int, typer.Option("--bands", min=3, help="Bands (≥ 3; extra bands are NIR-like).")] = 3,
+    nodata_border: Annotated[int, typer.Option("--nodata-border", min=0, help="Nodata border width (px).")] = 0,
+) -> None:
+    """Write synthetic UTM GeoTIFF scenes with crowns, roofs and vehicles, labels as EPSG:4326 GeoJSON."""
+    from pipeline.geo.synth import make_scenes
+
+    if dtype not in ("uint8", "uint16"):
+        raise SatdetError(f"--dtype {dtype}: synthetic scenes are uint8 or uint16")
+    scenes = make_scenes(out_dir, n_scenes, size, seed, dtype, bands, nodata_border)
+    typer.echo(f"classes: [{', '.join(scenes[0].classes)}]")
+    typer.echo("scenes:")
+    for s in scenes:
+        typer.echo(f"  - image: {s.image}\n    labels: {s.labels}   # {len(s.boxes_px)} objects")
+
+
 # ------------------------------------------------------------------------- orchestration (flows/, issue 7)
 # These commands call into flows/ (Prefect) lazily, inside the command body: pipeline/ itself never
 # imports prefect, and `satdet --help` stays instant.

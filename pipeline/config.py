@@ -60,7 +60,10 @@ class TilingConfig(_Section):
     )
     max_nodata_fraction: float = Field(0.5, ge=0, le=1, description="Tiles with more nodata than this are skipped.")
     negative_ratio: float = Field(
-        0.2, ge=0, description="Empty tiles kept per tile with objects (per scene and split); 0 drops all empty tiles."
+        0.2,
+        ge=0,
+        description="Training split: empty tiles kept per tile with objects (per scene; a scene part without "
+        "objects keeps this share of its tiles); 0 drops all. val/test keep every empty tile.",
     )
     split: SplitConfig = Field(default_factory=SplitConfig)
     stats_percentiles: tuple[float, float] = Field((1.0, 99.0), description="Per-band low/high percentiles.")

@@ -1,0 +1,227 @@
+"""Labels of one scene → pixel boxes (x0, y0, x1, y1; pixel edges at integers) and 1-based class ids.
+
+Formats, chosen by file content/suffix:
+  * any OGR vector (GeoJSON, GeoPackage, Shapefile, FlatGeobuf...) in any CRS — read with pyogrio,
+    reprojected into the raster CRS, each polygon's bounds mapped to pixels by the inverse transform;
+  * pixel CSV, DeepForest style: ``[image_path,]xmin,ymin,xmax,ymax,label`` (rows for other images skipped);
+  * COCO JSON (``images``/``annotations``/``categories``; the image is matched by file name);
+  * Pascal VOC XML (``object/name`` and ``object/bndbox``; coordinates taken as written).
+Class names match ``config.classes`` case-insensitively (NEON's "Tree" is the class "tree").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import SatdetError
+from pipeline.geo.raster import RasterInfo
+
+log = logging.getLogger(__name__)
+
+PIXEL_COLUMNS = ("xmin", "ymin", "xmax", "ymax")
+
+
+@dataclass
+class SceneLabels:
+    """Boxes of one scene in raster pixels, plus what was skipped on the way."""
+
+    boxes: np.ndarray  # (N, 4) float64 x0, y0, x1, y1
+    class_ids: np.ndarray  # (N,) int64, 1-based in config.classes order
+    invalid_geometries: int = 0
+    labels_outside_raster: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+
+def _class_ids(names: Sequence[str], classes: Sequence[str], path: Path) -> np.ndarray:
+    lookup = {c.lower(): i + 1 for i, c in enumerate(classes)}
+    unknown = sorted({str(n) for n in names if str(n).lower() not in lookup})
+    if unknown:
+        raise SatdetError(
+            f"{path}: label class(es) {unknown} not in the configured classes {list(classes)}; "
+            "add them to `classes` in the config or fix the labels"
+        )
+    return np.asarray([lookup[str(n).lower()] for n in names], dtype=np.int64)
+
+
+def _vector_boxes(path: Path, info: RasterInfo, classes: Sequence[str], label_field: str
+                  ) -> tuple[np.ndarray, list[str], int]:
+    import pyogrio
+    import shapely
+    from pyproj import CRS
+
+    try:
+        gdf = pyogrio.read_dataframe(path)
+    except Exception as err:  # pyogrio raises several error types for unreadable files
+        raise SatdetError(f"{path}: cannot read labels ({str(err).splitlines()[0][:120]}); give a vector file "
+                          "(GeoJSON, GeoPackage, Shapefile...), a pixel CSV, COCO JSON or Pascal VOC XML") from None
+    if len(gdf) == 0:
+        return np.zeros((0, 4)), [], 0
+    if gdf.crs is None:
+        if info.crs is not None:
+            raise SatdetError(f"{path}: labels have no CRS; write the file with a CRS (e.g. a .prj beside a "
+                              "shapefile, or ogr2ogr -a_srs EPSG:xxxx)")
+        log.warning("%s: neither labels nor raster have a CRS; assuming the same coordinates", path)
+    elif info.crs is None:
+        raise SatdetError(f"{info.path}: raster has no CRS but the labels {path.name} are in "
+                          f"{gdf.crs.to_string()}; assign the raster's CRS (gdal_edit.py -a_srs EPSG:xxxx) "
+                          "or give pixel labels (CSV/COCO/VOC)")
+    elif CRS.from_user_input(info.crs) != gdf.crs:
+        gdf = gdf.to_crs(info.crs)
+
+    geoms = gdf.geometry.values
+    kind = shapely.get_type_id(geoms)
+    ok = (~shapely.is_missing(geoms)) & (~shapely.is_empty(geoms)) & np.isin(kind, (3, 6))  # Polygon, MultiPolygon
+    ok[ok] = shapely.is_valid(geoms[ok])
+    invalid = int((~ok).sum())
+
+    if label_field in gdf.columns:
+        names = gdf[label_field].astype(str).tolist()
+    elif len(classes) == 1:
+        names = [classes[0]] * len(gdf)  # single-class labels need no attribute
+    else:
+        raise SatdetError(f"{path}: no attribute {label_field!r} holding the class name (attributes: "
+                          f"{[c for c in gdf.columns if c != 'geometry']}); set tiling.label_field")
+    names = [n for n, keep in zip(names, ok) if keep]
+    # Map every vertex to pixel space and take the bounds: exact for rotated transforms too.
+    inv = ~_affine(info.transform)
+    matrix = np.array([[inv.a, inv.d], [inv.b, inv.e]])
+    offset = np.array([inv.c, inv.f])
+    pixel_geoms = shapely.transform(geoms[ok], lambda xy: xy @ matrix + offset)
+    boxes = shapely.bounds(pixel_geoms).reshape(-1, 4)
+    return boxes, names, invalid
+
+
+def _affine(t: Sequence[float]):  # type: ignore[no-untyped-def]
+    from affine import Affine
+
+    return Affine(*t[:6])
+
+
+def _csv_boxes(path: Path, info: RasterInfo) -> tuple[np.ndarray, list[str], int]:
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return np.zeros((0, 4)), [], 0
+    missing = [c for c in (*PIXEL_COLUMNS, "label") if c not in df.columns]
+    if missing:
+        raise SatdetError(f"{path}: pixel CSV lacks column(s) {missing}; expected "
+                          "[image_path,]xmin,ymin,xmax,ymax,label")
+    if "image_path" in df.columns and len(df):
+        image_name = Path(info.path).name
+        names = df["image_path"].astype(str).map(lambda p: Path(p).name)
+        if not (names == image_name).any():
+            raise SatdetError(f"{path}: no rows for image {image_name} (image_path has e.g. "
+                              f"{sorted(set(names))[:3]}); fix image_path or the scene's labels entry")
+        df = df[names == image_name]
+    boxes = df[list(PIXEL_COLUMNS)].to_numpy(dtype=np.float64)
+    return boxes, df["label"].astype(str).tolist(), 0
+
+
+def _coco_boxes(path: Path, data: dict, info: RasterInfo) -> tuple[np.ndarray, list[str], int]:
+    images = data.get("images") or []
+    image_name = Path(info.path).name
+    match = [im for im in images if Path(str(im.get("file_name", ""))).name == image_name]
+    if not match and len(images) == 1:
+        match = images  # a single-image file needs no matching name
+    if not match:
+        raise SatdetError(f"{path}: COCO file has no image named {image_name}; fix images[].file_name")
+    image_id = match[0]["id"]
+    cats = {c["id"]: c["name"] for c in data.get("categories") or []}
+    boxes, names = [], []
+    for ann in data.get("annotations") or []:
+        if ann.get("image_id") != image_id:
+            continue
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        boxes.append((x, y, x + w, y + h))
+        names.append(cats.get(ann["category_id"], str(ann["category_id"])))
+    return np.asarray(boxes, np.float64).reshape(-1, 4), names, 0
+
+
+def _voc_boxes(path: Path) -> tuple[np.ndarray, list[str], int]:
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as err:
+        raise SatdetError(f"{path}: not valid XML ({err}); give a Pascal VOC annotation file") from None
+    boxes, names, invalid = [], [], 0
+    for obj in root.iter("object"):
+        bb = obj.find("bndbox")
+        name = obj.findtext("name")
+        try:
+            coords = tuple(float(bb.findtext(k)) for k in PIXEL_COLUMNS)  # type: ignore[union-attr, arg-type]
+        except (AttributeError, TypeError, ValueError):
+            invalid += 1
+            continue
+        boxes.append(coords)
+        names.append(str(name))
+    return np.asarray(boxes, np.float64).reshape(-1, 4), names, invalid
+
+
+def read_labels(path: str | Path | None, info: RasterInfo, classes: Sequence[str],
+                label_field: str = "label") -> SceneLabels:
+    """Read the labels of one scene into raster pixel boxes.
+
+    Non-polygon, empty, invalid or degenerate geometries are skipped and counted; boxes that do not touch
+    the raster are counted as outside. Errors (one line, naming the file): missing file, unreadable
+    file, CRS problems, unknown classes, and labels of which none overlaps the raster.
+    """
+    if path is None:
+        return SceneLabels(np.zeros((0, 4)), np.zeros((0,), np.int64))
+    path = Path(path)
+    if not path.exists():
+        raise SatdetError(f"{path}: labels file not found; check tiling.scenes[].labels")
+    suffix = path.suffix.lower()
+    if path.stat().st_size == 0:  # a zero-byte file is an empty label set, not an unreadable one
+        boxes, names, invalid = np.zeros((0, 4)), [], 0
+    elif suffix == ".csv":
+        boxes, names, invalid = _csv_boxes(path, info)
+    elif suffix == ".xml":
+        boxes, names, invalid = _voc_boxes(path)
+    else:
+        coco = None
+        if suffix == ".json":
+            try:
+                coco = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                coco = None
+            if not (isinstance(coco, dict) and "annotations" in coco and "images" in coco):
+                coco = None  # plain GeoJSON with a .json suffix
+        if coco is not None:
+            boxes, names, invalid = _coco_boxes(path, coco, info)
+        else:
+            boxes, names, invalid = _vector_boxes(path, info, classes, label_field)
+
+    warnings: list[str] = []
+    if len(boxes) == 0 and invalid == 0:
+        warnings.append(f"{path}: no labels; every tile of this scene is a negative (empty) tile")
+    finite = np.all(np.isfinite(boxes), axis=1) if len(boxes) else np.zeros(0, bool)
+    good = finite.copy()
+    good[finite] = (boxes[finite, 2] > boxes[finite, 0]) & (boxes[finite, 3] > boxes[finite, 1])
+    invalid += int((~good).sum())
+    boxes = boxes[good]
+    names = [n for n, g in zip(names, good) if g]
+    ids = _class_ids(names, classes, path)
+
+    inside = ((boxes[:, 2] > 0) & (boxes[:, 0] < info.width) & (boxes[:, 3] > 0) & (boxes[:, 1] < info.height))
+    outside = int((~inside).sum())
+    if outside and not inside.any():
+        raise SatdetError(f"{path}: none of the {outside} labels overlaps the raster {Path(info.path).name} "
+                          "(wrong file pair or wrong CRS?); pair each image with its own labels")
+    if outside:
+        warnings.append(f"{path}: {outside} of {len(boxes)} labels lie outside the raster and are ignored")
+    if invalid:
+        warnings.append(f"{path}: {invalid} invalid, empty or non-polygon geometries skipped")
+    for w in warnings:
+        log.warning(w)
+    return SceneLabels(boxes[inside], ids[inside], invalid, outside, warnings)

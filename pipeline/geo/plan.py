@@ -1,0 +1,208 @@
+"""The tiling plan: tile windows per scene and the train/val/test split of scenes or spatial blocks.
+
+Computed from raster headers only (cheap, deterministic from the config), before any pixel is read, so
+every bad input that the headers reveal fails at once, and parallel scene workers agree on the splits.
+
+Block splits: each scene is cut into a grid of square blocks whose edges fall on tile-grid lines
+(block size rounded to whole tile strides, a thin remainder merged into its neighbour). Blocks get
+splits at random (seeded); a tile whose window touches blocks of two splits is dropped, so overlapping
+tiles never straddle train and val/test.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import Config
+from pipeline.errors import SatdetError
+from pipeline.geo.raster import check_bands, raster_info
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Offsets of tiles along one axis: regular stride, the last one shifted inward to end at `length`.
+
+    A scene shorter than a tile gets one tile at 0 (padded by the caller).
+    """
+    if tile <= overlap:
+        raise SatdetError(f"tile size ({tile}) must be larger than the overlap ({overlap}); fix tiling.overlap")
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, length - tile + 1, stride))
+    if starts[-1] + tile < length:
+        starts.append(length - tile)  # shifted inward rather than padded
+    return starts
+
+
+def tile_windows(width: int, height: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """(col_off, row_off) of every tile of a scene, row by row."""
+    cols, rows = tile_starts(width, tile, overlap), tile_starts(height, tile, overlap)
+    return [(c, r) for r in rows for c in cols]
+
+
+def block_edges(length: int, block: int) -> list[int]:
+    """Block edges along one axis; a remainder thinner than half a block joins the previous block."""
+    edges = list(range(0, length, block)) + [length]
+    if len(edges) > 2 and length - edges[-2] < block / 2:
+        del edges[-2]
+    return edges
+
+
+def _pixels(value: float, res: float, units: str) -> int:
+    return int(round(value / res)) if units == "m" else int(value)
+
+
+def _split_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """How many of n units go to val and test: at least one each when asked for, at least one for train."""
+    n_val = max(1 if val_fraction > 0 else 0, round(val_fraction * n))
+    n_test = max(1 if test_fraction > 0 else 0, round(test_fraction * n))
+    while n_val + n_test > n - 1 and (n_val or n_test):
+        if n_test >= n_val and n_test:
+            n_test -= 1
+        else:
+            n_val -= 1
+    return n_val, n_test
+
+
+def _assign(n: int, val_fraction: float, test_fraction: float, rng: np.random.Generator) -> list[str]:
+    n_val, n_test = _split_counts(n, val_fraction, test_fraction)
+    order = rng.permutation(n)
+    splits = ["train"] * n
+    for rank, i in enumerate(order):
+        splits[i] = "val" if rank < n_val else "test" if rank < n_val + n_test else "train"
+    return splits
+
+
+def plan_tiling(config: Config) -> dict[str, Any]:
+    """Windows, blocks and splits for every scene of `config.tiling` (JSON-able)."""
+    t = config.tiling
+    if not t.scenes:
+        raise SatdetError("config: tiling.scenes is empty; list at least one scene with image (and labels)")
+    infos = [raster_info(s.image) for s in t.scenes]
+    stems = [i.stem for i in infos]
+    dupes = sorted({s for s in stems if stems.count(s) > 1})
+    if dupes:
+        raise SatdetError(f"{t.scenes[stems.index(dupes[0])].image}: two scenes share the file name "
+                          f"{dupes[0]!r} (scene ids are file stems); rename one of the files")
+    first = infos[0]
+    bands = check_bands(t.bands, first)
+    tile = overlap = 0
+    for scene, info in zip(t.scenes, infos):
+        check_bands(bands, info)
+        if info.dtype != first.dtype:
+            raise SatdetError(f"{scene.image}: pixel type {info.dtype} differs from {first.dtype} of "
+                              f"{t.scenes[0].image}; convert the scenes to one type")
+        if t.bands is None and info.count != first.count:
+            raise SatdetError(f"{scene.image}: {info.count} bands but {t.scenes[0].image} has {first.count}; "
+                              "pick common bands with tiling.bands")
+        ts, ov = _pixels(t.tile_size, info.res[0], t.units), _pixels(t.overlap, info.res[0], t.units)
+        if ts <= ov or ts < 1:
+            raise SatdetError(f"{scene.image}: tile size {ts}px must exceed overlap {ov}px; fix tiling.tile_size")
+        if tile and (ts, ov) != (tile, overlap):
+            raise SatdetError(f"{scene.image}: {t.tile_size}{t.units} is {ts}px here but {tile}px in "
+                              f"{t.scenes[0].image} (different pixel sizes); resample or use units: px")
+        tile, overlap = ts, ov
+
+    stride = tile - overlap
+    method = t.split.method
+    scenes: list[dict[str, Any]] = []
+    for i, (scene, info) in enumerate(zip(t.scenes, infos)):
+        scenes.append({
+            "index": i, "scene": info.stem, "image": str(scene.image),
+            "labels": None if scene.labels is None else str(scene.labels),
+            "width": info.width, "height": info.height, "crs": info.crs, "transform": list(info.transform),
+            "nodata": info.nodata, "forced_split": scene.split,
+            "n_windows": len(tile_windows(info.width, info.height, tile, overlap)),
+        })
+
+    rng = np.random.default_rng(config.seed)
+    if method == "scene":
+        auto = [s for s in scenes if s["forced_split"] is None]
+        for s, split in zip(auto, _assign(len(auto), t.split.val_fraction, t.split.test_fraction, rng)):
+            s["forced_split"] = split
+        for s in scenes:
+            s["x_edges"], s["y_edges"] = [0, s["width"]], [0, s["height"]]
+            s["block_splits"] = [[s["forced_split"]]]
+    else:
+        k_min = math.ceil(tile / stride)  # a block must hold at least one whole tile
+        k = max(k_min, round(t.split.block_size / stride))
+        needed = 1 + (t.split.val_fraction > 0) + (t.split.test_fraction > 0)
+        while True:
+            for s in scenes:
+                s["x_edges"] = block_edges(s["width"], k * stride)
+                s["y_edges"] = block_edges(s["height"], k * stride)
+            n_auto = sum((len(s["x_edges"]) - 1) * (len(s["y_edges"]) - 1)
+                         for s in scenes if s["forced_split"] is None)
+            if n_auto >= needed or k == k_min:
+                break
+            k = max(k_min, k // 2)  # few, small scenes: smaller blocks so val and test get one each
+        auto_splits = iter(_assign(n_auto, t.split.val_fraction, t.split.test_fraction, rng))
+        for s in scenes:
+            ny, nx = len(s["y_edges"]) - 1, len(s["x_edges"]) - 1
+            s["block_splits"] = [[s["forced_split"] or next(auto_splits) for _ in range(nx)] for _ in range(ny)]
+        block_px = k * stride
+        if block_px != t.split.block_size:
+            log.info("block size %dpx (tiling.split.block_size %d rounded to %d tile strides)",
+                     block_px, t.split.block_size, k)
+    present = {sp for s in scenes for row in s["block_splits"] for sp in row}
+    for name, frac in (("val", t.split.val_fraction), ("test", t.split.test_fraction)):
+        if frac > 0 and name not in present:
+            log.warning("split %r gets no %s: too few scenes/blocks; add scenes or lower "
+                        "tiling.split.block_size", name, "blocks" if method == "block" else "scenes")
+    return {
+        "tile_size": tile, "overlap": overlap, "bands": bands, "dtype": first.dtype, "channels": len(bands),
+        "nodata": first.nodata, "method": method, "scenes": scenes,
+    }
+
+
+def window_split(scene: dict[str, Any], col: int, row: int, tile: int) -> str | None:
+    """The split of a tile window, or None when it touches blocks of different splits (a straddler)."""
+    xe, ye = scene["x_edges"], scene["y_edges"]
+    c1, r1 = min(col + tile, scene["width"]), min(row + tile, scene["height"])
+    jx0 = int(np.searchsorted(xe, col, "right")) - 1
+    jx1 = int(np.searchsorted(xe, c1, "left")) - 1
+    jy0 = int(np.searchsorted(ye, row, "right")) - 1
+    jy1 = int(np.searchsorted(ye, r1, "left")) - 1
+    found = {scene["block_splits"][jy][jx] for jy in range(jy0, jy1 + 1) for jx in range(jx0, jx1 + 1)}
+    return found.pop() if len(found) == 1 else None
+
+
+def splits_json(plan: dict[str, Any]) -> dict[str, Any]:
+    """The public splits.json: per scene its blocks (window + split)."""
+    out = []
+    for s in plan["scenes"]:
+        xe, ye = s["x_edges"], s["y_edges"]
+        blocks = [{"window": [xe[jx], ye[jy], xe[jx + 1] - xe[jx], ye[jy + 1] - ye[jy]],
+                   "split": s["block_splits"][jy][jx]}
+                  for jy in range(len(ye) - 1) for jx in range(len(xe) - 1)]
+        out.append({"scene": s["scene"], "image": s["image"], "labels": s["labels"], "width": s["width"],
+                    "height": s["height"], "crs": s["crs"], "blocks": blocks})
+    return {"method": plan["method"], "tile_size": plan["tile_size"], "overlap": plan["overlap"], "scenes": out}
+
+
+def boxes_per_window(boxes: np.ndarray, cols: Sequence[int], rows: Sequence[int], tile: int
+                     ) -> dict[tuple[int, int], list[int]]:
+    """Indices of the boxes touching each window (col_off, row_off), by binary search on the tile grid."""
+    cols_a, rows_a = np.asarray(cols), np.asarray(rows)
+    out: dict[tuple[int, int], list[int]] = {}
+    for i, (x0, y0, x1, y1) in enumerate(np.asarray(boxes).reshape(-1, 4)):
+        # tile j touches the box iff start_j < x1 and start_j + tile > x0
+        ca = int(np.searchsorted(cols_a, x0 - tile, "right"))
+        cb = int(np.searchsorted(cols_a, x1, "left"))
+        ra = int(np.searchsorted(rows_a, y0 - tile, "right"))
+        rb = int(np.searchsorted(rows_a, y1, "left"))
+        for r in rows_a[ra:rb]:
+            for c in cols_a[ca:cb]:
+                out.setdefault((int(c), int(r)), []).append(i)
+    return out
+

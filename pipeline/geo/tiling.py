@@ -1,0 +1,442 @@
+"""The tiling stage: GeoTIFF scenes + labels → TFRecord tiles, manifest, stats, QA and splits.
+
+    run_tiling(config, out_dir=None) -> tiles dir        the whole stage (scenes in parallel processes)
+    tile_scene(config, scene_index, work_dir) -> Path    one scene (a Prefect task can map over these)
+    finalize_tiling(config, scene_outputs, out_dir)      merge scene outputs into the tiles dir
+
+A scene is read in row strips one tile high (rasterio windowed reads; the rows shared with the previous
+strip are reused, so every pixel is read once), tiles are cut from the strip, PNG/raw-encoded on a few
+threads while the next strip is read, and appended to per-split TFRecord parts. Memory is bounded by a
+couple of strips, whatever the scene size. Everything is written into temporary folders that replace
+the output only when complete, so a failure leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rasterio.windows import Window
+
+from pipeline.config import Config
+from pipeline.errors import SatdetError
+from pipeline.files import atomic_dir, atomic_write_json, atomic_write_text
+from pipeline.geo.edges import EdgePolicy
+from pipeline.geo.labels import read_labels
+from pipeline.geo.plan import SPLITS, boxes_per_window, plan_tiling, splits_json, tile_starts, window_split
+from pipeline.geo.raster import info_from_dataset, nodata_mask, open_raster
+
+__all__ = ["EdgePolicy", "finalize_tiling", "plan_tiling", "run_tiling", "tile_scene"]
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE = "plan.json"
+Progress = Callable[[int], None]
+
+
+# ------------------------------------------------------------------------------------------ plan cache
+def _load_plan(config: Config, work_dir: Path) -> dict[str, Any]:
+    """The plan, computed once per work dir (parallel scene tasks read the same file)."""
+    path = work_dir / PLAN_FILE
+    if path.exists():
+        return json.loads(path.read_text())
+    plan = plan_tiling(config)
+    atomic_write_json(path, plan)
+    return plan
+
+
+# ------------------------------------------------------------------------------------------ one scene
+class _ShardWriter:
+    """Per-split TFRecord parts of one scene, each at most `shard_size` records."""
+
+    def __init__(self, folder: Path, shard_size: int) -> None:
+        self.folder, self.shard_size = folder, shard_size
+        self.writers: dict[str, Any] = {}
+        self.counts: dict[str, int] = {}
+        self.parts: dict[str, list[str]] = {s: [] for s in SPLITS}
+
+    def write(self, split: str, record: bytes) -> str:
+        import tensorflow as tf
+
+        n = self.counts.get(split, 0)
+        if n % self.shard_size == 0:
+            if split in self.writers:
+                self.writers[split].close()
+            name = f"{split}-{len(self.parts[split]):05d}.tfrecord"
+            self.parts[split].append(name)
+            self.writers[split] = tf.io.TFRecordWriter(str(self.folder / name))
+        self.writers[split].write(record)
+        self.counts[split] = n + 1
+        return self.parts[split][-1]
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+
+
+def _select_tiles(scene: dict[str, Any], plan: dict[str, Any], config: Config, labels: Any
+                  ) -> tuple[dict[tuple[int, int], dict[str, Any]], dict[str, int]]:
+    """Decide, from geometry alone, which windows become tiles and which boxes they hold."""
+    t = config.tiling
+    tile = plan["tile_size"]
+    width, height = scene["width"], scene["height"]
+    cols, rows = tile_starts(width, tile, plan["overlap"]), tile_starts(height, tile, plan["overlap"])
+    touching = boxes_per_window(labels.boxes, cols, rows, tile)
+    policy = EdgePolicy(t.min_visibility)
+    counts = {"straddling_dropped": 0, "empty_dropped": 0}
+    candidates: dict[str, dict[str, list[dict[str, Any]]]] = {s: {"pos": [], "neg": []} for s in SPLITS}
+    for r in rows:
+        for c in cols:
+            split = window_split(scene, c, r, tile)
+            if split is None:
+                counts["straddling_dropped"] += 1
+                continue
+            idx = np.asarray(touching.get((c, r), []), np.int64)
+            # Boxes are judged against the part of the window that holds scene pixels (not the pad).
+            region = (c, r, min(c + tile, width), min(r + tile, height))
+            res = policy.apply(labels.boxes[idx], region)
+            entry = {
+                "col": c, "row": r, "split": split,
+                "boxes": res.boxes - np.array([c, r, c, r], np.float64),
+                "class_ids": labels.class_ids[idx[res.index]],
+                "clipped": res.n_clipped, "dropped": res.n_dropped,
+            }
+            candidates[split]["pos" if len(res.index) else "neg"].append(entry)
+    rng = np.random.default_rng([config.seed, scene["index"]])
+    selected: dict[tuple[int, int], dict[str, Any]] = {}
+    for split in SPLITS:
+        pos, neg = candidates[split]["pos"], candidates[split]["neg"]
+        if split == "train":
+            # Empty tiles per positive tile; a part of a scene without objects keeps that share of its tiles.
+            k = min(len(neg), round(t.negative_ratio * (len(pos) or len(neg))))
+        else:
+            k = len(neg)  # val/test keep every empty tile: tile-level precision needs the real mix
+        keep = set(rng.permutation(len(neg))[:k].tolist())
+        counts["empty_dropped"] += len(neg) - len(keep)
+        for e in pos + [n for i, n in enumerate(neg) if i in keep]:
+            selected[(e["col"], e["row"])] = e
+    return selected, counts
+
+
+def _strips(ds: Any, rows: list[int], tile: int, bands: list[int]):  # type: ignore[no-untyped-def]
+    """Yield (row_off, data (C, h, W), nodata mask (h, W) | None) for each strip, reading each row once."""
+    buf: np.ndarray | None = None
+    buf_r0 = 0
+    for r in rows:
+        r1 = min(r + tile, ds.height)
+        if buf is not None and buf_r0 <= r < buf_r0 + buf.shape[1]:
+            keep = buf[:, r - buf_r0:]
+            start = buf_r0 + buf.shape[1]
+        else:
+            keep, start = None, r
+        fresh = ds.read(bands, window=Window(0, start, ds.width, r1 - start)) if r1 > start else None
+        parts = [p for p in (keep, fresh) if p is not None]
+        data = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+        buf, buf_r0 = data, r
+        yield r, data, nodata_mask(ds, data, Window(0, r, ds.width, r1 - r), bands)
+
+
+def _cut(data: np.ndarray, mask: np.ndarray | None, col: int, tile: int, fill: float
+         ) -> tuple[np.ndarray, np.ndarray]:
+    """(tile (H, W, C) padded to tile×tile with `fill`, valid-pixel mask (tile, tile))."""
+    c, h, w = data.shape
+    piece = data[:, :, col:col + tile]
+    pw = piece.shape[2]
+    valid = np.zeros((tile, tile), bool)
+    valid[:h, :pw] = True if mask is None else ~mask[:, col:col + tile]
+    if h == tile and pw == tile:
+        return np.ascontiguousarray(piece.transpose(1, 2, 0)), valid
+    out = np.full((tile, tile, c), fill, dtype=data.dtype)
+    out[:h, :pw] = piece.transpose(1, 2, 0)
+    return out, valid
+
+
+def tile_scene(config: Config, scene_index: int, work_dir: Path, progress: Progress | None = None) -> Path:
+    """Tile one scene into ``work_dir/scene-NNNN/`` (TFRecord parts, manifest lines, pixel sample, counts)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from pipeline.data.records import encode_tile
+
+    work_dir = Path(work_dir)
+    plan = _load_plan(config, work_dir)
+    scene = plan["scenes"][scene_index]
+    t = config.tiling
+    tile, bands = plan["tile_size"], plan["bands"]
+    classes = list(config.classes)
+    out_final = work_dir / f"scene-{scene_index:04d}"
+    with open_raster(scene["image"]) as ds:
+        info = info_from_dataset(ds, scene["image"])
+        labels = read_labels(scene["labels"], info, classes, t.label_field)
+        selected, counts = _select_tiles(scene, plan, config, labels)
+        fill = scene["nodata"] if scene["nodata"] is not None else 0
+        n_train = sum(e["split"] == "train" for e in selected.values())
+        per_tile = math.ceil(t.stats_max_pixels / max(1, n_train))
+        rng = np.random.default_rng([config.seed, scene_index, 1])
+        qa = {"kept": 0, "clipped": 0, "dropped": 0, "nodata_skipped": 0, "max_boxes": 0,
+              "tiles": {s: 0 for s in SPLITS}, "empty_kept": 0, "class_counts": {c: 0 for c in classes}}
+        samples: dict[str, list[np.ndarray]] = {"train": [], "other": []}
+        rows = sorted({r for (_, r) in selected})
+        by_row: dict[int, list[dict[str, Any]]] = {}
+        for e in selected.values():
+            by_row.setdefault(e["row"], []).append(e)
+        skipped_windows = scene["n_windows"] - len(selected)
+        if progress and skipped_windows:
+            progress(skipped_windows)
+
+        with atomic_dir(out_final) as out, ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+            writer = _ShardWriter(out, t.shard_size)
+            manifest: list[str] = []
+            pending: list[tuple[dict[str, Any], Any]] = []
+
+            def drain() -> None:
+                for e, fut in pending:
+                    shard = writer.write(e["split"], fut.result())
+                    manifest.append(json.dumps({**e["record"], "shard": shard}))
+                if progress and pending:
+                    progress(len(pending))
+                pending.clear()
+
+            a, b, c0, d, e_, f = scene["transform"]
+            for r, data, mask in _strips(ds, rows, tile, bands):
+                batch = []
+                for e in sorted(by_row[r], key=lambda x: x["col"]):
+                    img, valid = _cut(data, mask, e["col"], tile, fill)
+                    nodata_fraction = 1.0 - float(valid.mean())
+                    if nodata_fraction > t.max_nodata_fraction:
+                        qa["nodata_skipped"] += 1
+                        continue
+                    n = len(e["boxes"])
+                    tile_id = f"{scene['scene']}_{e['col']}_{r}"
+                    col = e["col"]
+                    e["record"] = {
+                        "id": tile_id, "scene": scene["scene"], "split": e["split"],
+                        "window": [col, r, tile, tile],
+                        "transform": [a, b, a * col + b * r + c0, d, e_, d * col + e_ * r + f],
+                        "crs": scene["crs"], "n_boxes": n, "nodata_fraction": round(nodata_fraction, 6),
+                    }
+                    qa["tiles"][e["split"]] += 1
+                    qa["empty_kept"] += n == 0
+                    qa["kept"] += n
+                    qa["clipped"] += e["clipped"]
+                    qa["dropped"] += e["dropped"]
+                    qa["max_boxes"] = max(qa["max_boxes"], n)
+                    for cid in e["class_ids"]:
+                        qa["class_counts"][classes[cid - 1]] += 1
+                    # sample positions first, then drop nodata ones: no copy of the whole tile
+                    pick = rng.integers(0, tile * tile, per_tile)
+                    pick = pick[valid.ravel()[pick]]
+                    samples["train" if e["split"] == "train" else "other"].append(img.reshape(-1, len(bands))[pick])
+                    batch.append((e, pool.submit(encode_tile, img, e["boxes"], e["class_ids"], tile_id,
+                                                 scene["scene"])))
+                drain()  # write the previous strip's tiles while this strip's encode on the pool
+                pending.extend(batch)
+                if progress:
+                    progress(len(by_row[r]) - len(batch))
+            drain()
+            writer.close()
+            atomic_write_text(out / "manifest.jsonl", "".join(m + "\n" for m in manifest))
+            for key, arrs in samples.items():
+                arr = np.concatenate(arrs) if arrs else np.zeros((0, len(bands)), np.float64)
+                if len(arr) > t.stats_max_pixels:
+                    arr = arr[rng.permutation(len(arr))[: t.stats_max_pixels]]
+                np.save(out / f"sample_{key}.npy", arr)
+            atomic_write_json(out / "scene.json", {
+                "index": scene_index, "scene": scene["scene"], "parts": writer.parts, "qa": qa,
+                "straddling_dropped": counts["straddling_dropped"], "empty_dropped": counts["empty_dropped"],
+                "invalid_geometries": labels.invalid_geometries,
+                "labels_outside_raster": labels.labels_outside_raster,
+                "objects": {c: int((labels.class_ids == i + 1).sum()) for i, c in enumerate(classes)},
+                "warnings": labels.warnings,
+            })
+    return out_final
+
+
+# ------------------------------------------------------------------------------------------ merge
+def _stats(samples: np.ndarray, plan: dict[str, Any], percentiles: tuple[float, float]) -> dict[str, Any]:
+    """Per-band low/high percentiles and mean/std of the clipped pixels (the normalisation contract)."""
+    samples = samples.astype(np.float64)
+    if len(samples):
+        low = np.percentile(samples, percentiles[0], axis=0)
+        high = np.percentile(samples, percentiles[1], axis=0)
+        clipped = np.clip(samples, low, high)
+        mean, std = clipped.mean(axis=0), clipped.std(axis=0)
+    else:
+        low = high = mean = np.zeros(plan["channels"])
+        std = np.ones(plan["channels"])
+    return {
+        "dtype": plan["dtype"], "bands": plan["bands"], "channels": plan["channels"], "nodata": plan["nodata"],
+        "tile_size": plan["tile_size"], "percentiles": list(percentiles),
+        "low": low.tolist(), "high": high.tolist(), "mean": mean.tolist(), "std": std.tolist(),
+        "pixels_sampled": int(len(samples)),
+    }
+
+
+def _link(src: Path, dst: Path) -> None:
+    """Hard-link (free, keeps the scene outputs for a retried finalize) or copy across file systems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def finalize_tiling(config: Config, scene_outputs: list[Path], out_dir: Path) -> Path:
+    """Merge per-scene outputs into `out_dir`: numbered shards, manifest.jsonl, stats/qa/splits.json."""
+    out_dir = Path(out_dir)
+    scene_outputs = [Path(p) for p in scene_outputs]
+    if not scene_outputs:
+        raise SatdetError("config: no scenes were tiled; list scenes under tiling.scenes")
+    plan = json.loads((scene_outputs[0].parent / PLAN_FILE).read_text())
+    metas = sorted(((json.loads((p / "scene.json").read_text()), p) for p in scene_outputs),
+                   key=lambda mp: mp[0]["index"])
+    classes = list(config.classes)
+    total = sum(sum(m["qa"]["tiles"].values()) for m, _ in metas)
+    if total == 0:
+        raise SatdetError(f"{config.tiling.scenes[0].image}: no tile was kept (all empty, nodata or straddling); "
+                          "raise tiling.negative_ratio / max_nodata_fraction or check the labels")
+    with atomic_dir(out_dir) as tmp:
+        renames: dict[tuple[int, str], str] = {}
+        for split in SPLITS:
+            parts = [(m["index"], p / name) for m, p in metas for name in m["parts"][split]]
+            for k, (index, src) in enumerate(parts):
+                name = f"{split}-{k:05d}-of-{len(parts):05d}.tfrecord"
+                _link(src, tmp / name)
+                renames[(index, src.name)] = name
+        with open(tmp / "manifest.jsonl", "w") as fh:
+            for m, p in metas:
+                for line in (p / "manifest.jsonl").read_text().splitlines():
+                    rec = json.loads(line)
+                    rec["shard"] = renames[(m["index"], rec["shard"])]
+                    fh.write(json.dumps(rec) + "\n")
+
+        warnings = [w for m, _ in metas for w in m["warnings"]]
+        train = [np.load(p / "sample_train.npy") for _, p in metas]
+        samples = np.concatenate(train) if train else np.zeros((0, plan["channels"]))
+        if len(samples) == 0:
+            warnings.append("no training tiles: stats.json computed from the val/test tiles")
+            samples = np.concatenate([np.load(p / "sample_other.npy") for _, p in metas])
+        atomic_write_json(tmp / "stats.json", _stats(samples, plan, tuple(config.tiling.stats_percentiles)))
+
+        def total_of(key: str) -> int:
+            return int(sum(m[key] for m, _ in metas))
+
+        qa = {
+            "boxes": {k: int(sum(m["qa"][k] for m, _ in metas)) for k in ("kept", "clipped", "dropped")},
+            "tiles": {
+                **{s: int(sum(m["qa"]["tiles"][s] for m, _ in metas)) for s in SPLITS},
+                "empty_kept": int(sum(m["qa"]["empty_kept"] for m, _ in metas)),
+                "empty_dropped": total_of("empty_dropped"),
+                "nodata_skipped": int(sum(m["qa"]["nodata_skipped"] for m, _ in metas)),
+                "straddling_dropped": total_of("straddling_dropped"),
+            },
+            "class_counts": {c: int(sum(m["qa"]["class_counts"][c] for m, _ in metas)) for c in classes},
+            "objects": {c: int(sum(m["objects"][c] for m, _ in metas)) for c in classes},
+            "max_boxes_per_tile": int(max(m["qa"]["max_boxes"] for m, _ in metas)),
+            "invalid_geometries": total_of("invalid_geometries"),
+            "labels_outside_raster": total_of("labels_outside_raster"),
+            "scenes": {m["scene"]: {**m["qa"]["tiles"], "boxes": m["qa"]["kept"]} for m, _ in metas},
+            "warnings": warnings,
+        }
+        atomic_write_json(tmp / "qa.json", qa)
+        atomic_write_json(tmp / "splits.json", splits_json(plan))
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------ whole stage
+def _progress_bar(total: int):  # type: ignore[no-untyped-def]
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    return Progress(TextColumn("tiling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console, transient=True, disable=not console.is_terminal), total
+
+
+def _run_parallel(config: Config, work: Path, n_scenes: int, workers: int, advance: Progress) -> list[Path]:
+    ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold TF/GDAL threads
+    with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        queue = manager.Queue()
+        futures = [pool.submit(_tile_scene_queued, config, i, work, queue) for i in range(n_scenes)]
+        pending = set(futures)
+        try:
+            while pending:
+                done, pending = wait(pending, timeout=0.2)
+                while not queue.empty():
+                    advance(queue.get())
+                for fut in done:
+                    fut.result()  # re-raise a scene's error at once
+        except BaseException:
+            for fut in pending:
+                fut.cancel()
+            raise
+        return [f.result() for f in futures]
+
+
+def _tile_scene_queued(config: Config, index: int, work: Path, queue: Any) -> Path:
+    return tile_scene(config, index, work, progress=queue.put)
+
+
+def run_tiling(config: Config, out_dir: Path | None = None) -> Path:
+    """Tile every scene of `config.tiling` into `out_dir` (default ``config.run_dir/tiles``); returns it.
+
+    Scenes run in parallel processes (``tiling.workers``; paths are passed, never open datasets). On any
+    error nothing is left behind: outputs are assembled in temp folders and renamed into place at the end.
+    """
+    out_dir = Path(out_dir) if out_dir is not None else config.run_dir / "tiles"
+    created = [p for p in [out_dir.parent, *out_dir.parent.parents] if not p.exists()]
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.work-"))
+    try:
+        plan = _load_plan(config, work)
+        n = len(plan["scenes"])
+        workers = min(config.tiling.workers or os.cpu_count() or 1, n)
+        bar, total = _progress_bar(sum(s["n_windows"] for s in plan["scenes"]))
+        with bar:
+            task = bar.add_task("tiles", total=total)
+
+            def advance(k: int) -> None:
+                bar.advance(task, k)
+
+            if workers <= 1:
+                outputs = [tile_scene(config, i, work, progress=advance) for i in range(n)]
+            else:
+                outputs = _run_parallel(config, work, n, workers, advance)
+        finalize_tiling(config, outputs, out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        for p in created:  # folders this call made, now empty: leave no trace
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    return out_dir
+
+
+def summary_lines(tiles_dir: Path) -> list[str]:
+    """A short human summary of a tiling run (for the CLI)."""
+    qa = json.loads((Path(tiles_dir) / "qa.json").read_text())
+    t, b = qa["tiles"], qa["boxes"]
+    lines = [
+        f"tiles: train {t['train']}, val {t['val']}, test {t['test']} "
+        f"(empty kept {t['empty_kept']}, empty dropped {t['empty_dropped']}, nodata skipped {t['nodata_skipped']}, "
+        f"straddling dropped {t['straddling_dropped']})",
+        f"boxes: kept {b['kept']} (clipped {b['clipped']}), dropped at edges {b['dropped']}; "
+        f"max per tile {qa['max_boxes_per_tile']}",
+        "classes: " + ", ".join(f"{k} {v}" for k, v in qa["class_counts"].items()),
+    ]
+    if qa["invalid_geometries"] or qa["labels_outside_raster"]:
+        lines.append(f"skipped labels: {qa['invalid_geometries']} invalid geometries, "
+                     f"{qa['labels_outside_raster']} outside the raster")
+    lines += [f"warning: {w}" for w in qa.get("warnings", [])]
+    lines.append(f"written: {tiles_dir}")
+    return lines
