@@ -68,6 +68,13 @@ def stage_key(stage: str, config: Config, sections: Iterable[str], inputs: dict[
     return f"satdet-{stage}-{hashlib.sha256(blob).hexdigest()[:32]}"
 
 
+def config_digest(config: Config, sections: Iterable[str]) -> str:
+    """Short hash of some config sections (plus classes and seed): names work folders per configuration."""
+    payload = {"classes": config.classes, "seed": config.seed,
+               "config": {name: config.section_dump(name) for name in sorted(sections)}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def key_fn(
     stage: str, sections: Iterable[str], inputs: Callable[[dict[str, Any]], dict[str, Any]], output: str
 ) -> Callable[[Any, dict[str, Any]], str]:

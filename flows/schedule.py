@@ -39,7 +39,7 @@ def build_deployment(
     """The RunnerDeployment that `satdet schedule` serves (no API call: safe for --dry-run)."""
     try:
         schedule = Cron(cron, timezone=timezone)
-    except Exception as err:  # pydantic/croniter validation: report as one line
+    except Exception as err:  # noqa: BLE001 - pydantic/croniter validation: report as one line
         raise SatdetError(f"--cron {cron!r} / --timezone {timezone!r}: {str(err).splitlines()[0]}") from None
     # The module entrypoint resolves wherever satdet is installed (a container has no source tree).
     return train_pipeline.to_deployment(

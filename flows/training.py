@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.tasks import exponential_backoff
 
-from flows.caching import key_fn
+from flows.caching import config_digest, key_fn
 from flows.reporting import publish_artifacts, slug
 from pipeline.config import Config, ConfigError, load_config, save_config
 from pipeline.errors import SatdetError
@@ -141,7 +142,8 @@ def train_pipeline(config_path: str, overrides: list[str] | None = None, force: 
         raise SatdetError(f"{config_path}: tiling.scenes is empty; list at least one scene (image + labels)")
     run_dir = config.run_dir.resolve()
     tiles_dir, model_dir, eval_dir = run_dir / "tiles", run_dir / "model", run_dir / "eval"
-    work_dir = run_dir / "work" / "tiling"
+    # The tiler keeps its plan in the work folder, so each tiling configuration gets its own folder.
+    work_dir = run_dir / "work" / f"tiling-{config_digest(config, ['tiling'])}"
     save_config(config, run_dir / "config.yaml")
     logger.info("run %s → %s", config.name, run_dir)
 
@@ -159,6 +161,7 @@ def train_pipeline(config_path: str, overrides: list[str] | None = None, force: 
     )
     scene_outputs = [f.result() for f in scene_futures]
     tiles = fresh(finalize_tiling, tiles_done)(config, scene_outputs, tiles_dir)
+    _prune_siblings(work_dir)
     update_progress_artifact(progress_id, _PROGRESS["tiled"])
 
     fresh(build_dataset, tiles_dir / "dataset.json")(config, tiles)
@@ -217,6 +220,13 @@ def _training_progress(model_dir: Path, total_steps: int, progress_id: Any, ever
     finally:
         stop.set()
         thread.join(timeout=10)
+
+
+def _prune_siblings(work_dir: Path) -> None:
+    """Delete the work folders of earlier tiling configurations (their tiles were replaced)."""
+    for other in work_dir.parent.glob("tiling-*"):
+        if other != work_dir and other.is_dir():
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def _last_step(log: Path) -> int | None:
