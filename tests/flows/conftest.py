@@ -4,6 +4,7 @@ server; nesting harnesses breaks them), a private result store, and small synthe
 from __future__ import annotations
 
 import os
+
 import pytest
 from flowkit import CLASSES, SPLITS
 
@@ -17,9 +18,11 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory):
     from prefect.testing.utilities import prefect_test_harness
 
     storage = tmp_path_factory.mktemp("prefect-results")
-    with temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(storage)}):
-        with prefect_test_harness(server_startup_timeout=120):
-            yield storage
+    with (
+        temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(storage)}),
+        prefect_test_harness(server_startup_timeout=120),
+    ):
+        yield storage
 
 
 @pytest.fixture(scope="session")
