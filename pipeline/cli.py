@@ -112,6 +112,27 @@ def synth_cmd(
         typer.echo(f"  - image: {s.image}\n    labels: {s.labels}   # {len(s.boxes_px)} objects")
 
 
+# ------------------------------------------------------------------------------ input pipeline (issue 3)
+@app.command("dataset")
+@friendly_errors
+def dataset_cmd(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    preview: Annotated[int, typer.Option("--preview", min=0, help="Draw N images with their boxes to a PNG.")] = 0,
+    split: Annotated[str, typer.Option("--split", help="Split to preview (train is shown augmented).")] = "train",
+) -> None:
+    """Check the tiles for training (writes run_dir/tiles/dataset.json); --preview N draws what the model sees."""
+    from pipeline.data.dataset import run_dataset_check
+
+    cfg = load(config, set_)
+    tiles = cfg.run_dir / "tiles"
+    typer.echo(run_dataset_check(cfg, tiles))
+    if preview:
+        from pipeline.data.preview import write_preview
+
+        typer.echo(write_preview(cfg, tiles, n=preview, split=split))
+
+
 # ------------------------------------------------------------------------- orchestration (flows/, issue 7)
 # These commands call into flows/ (Prefect) lazily, inside the command body: pipeline/ itself never
 # imports prefect, and `satdet --help` stays instant.
