@@ -86,6 +86,11 @@ class TrainStep(tf.Module):
         # Gradients reach the optimizer already all-reduced; Keras' TF optimizer would SUM them across
         # replicas again (it has no experimental_aggregate_gradients switch in Keras 3), so turn that off.
         # If a future Keras renames the hook, fall back to pre-dividing by the replica count.
+        if not optimizer.built:
+            # Slots must exist before tracing: creating variables inside the step's tf.cond fails under
+            # MirroredStrategy, and a checkpoint restore needs them to restore into.
+            with self.strategy.scope():
+                optimizer.build(model.trainable_variables)
         self._pre_divide = 1.0
         if self.replicas > 1:
             if hasattr(optimizer, "_all_reduce_sum_gradients"):
@@ -268,7 +273,6 @@ def fit(
         state = RunState(config.seed)
         tf.random.set_global_generator(state.rng)
         optimizer = build_optimizer(tcfg.optimizer, build_schedule(tcfg.schedule, tcfg.optimizer.learning_rate, tcfg.steps))
-        optimizer.build(model.trainable_variables)  # slots exist before restore (no restore-on-create in tf.function)
         clipper = build_clipper(tcfg.clip, exempt=agc_exempt or [])
         loss_scale = LossScale() if config.model.mixed_precision == "mixed_float16" else None
         step_fn = make_train_step(

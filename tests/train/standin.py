@@ -19,8 +19,9 @@ SIZE, CHANNELS, MAX_BOXES = 16, 3, 4
 class TinyDetector(keras.Model):
     """conv → pool → four small heads, one per loss term; the last Dense plays the 'final classifier'."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, noise: float = 0.0, **kwargs):
         super().__init__(**kwargs)
+        self.noise = noise  # > 0: training inputs get noise from TF's global generator (tests RNG resume)
         self.conv = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")
         self.pool = keras.layers.GlobalAveragePooling2D()
         self.hidden = keras.layers.Dense(8, activation="relu", name="hidden")
@@ -32,6 +33,8 @@ class TinyDetector(keras.Model):
         return {"box": self.box_head(h), "cls": self.cls_score(h)}
 
     def compute_losses(self, images, targets, training=True):
+        if training and self.noise:
+            images = images + self.noise * tf.random.get_global_generator().normal(tf.shape(images))
         out = self(images, training=training)
         box, cls = tf.cast(out["box"], tf.float32), tf.cast(out["cls"], tf.float32)
         count = tf.cast(targets["num_boxes"], tf.float32) / MAX_BOXES
@@ -48,9 +51,9 @@ class TinyDetector(keras.Model):
         return list(self.cls_score.trainable_variables)
 
 
-def build_model(seed: int = 0) -> TinyDetector:
+def build_model(seed: int = 0, noise: float = 0.0) -> TinyDetector:
     keras.utils.set_random_seed(seed)
-    model = TinyDetector()
+    model = TinyDetector(noise=noise)
     model(tf.zeros([1, SIZE, SIZE, CHANNELS]))
     return model
 
