@@ -15,11 +15,13 @@ Per window, after the model:
 1. boxes below `score_threshold` are dropped; boxes are clipped to the pixels actually read;
 2. boxes lying mostly over nodata (fraction of the box area > `max_nodata_fraction`) are dropped;
 3. the seam rule: a box that touches an *interior* edge of its window (an edge with a neighbouring
-   window beyond it; scene/region edges never count) within `edge_tolerance` px, and that lies entirely
-   inside the overlap strip along that edge, is dropped. The neighbouring window contains that whole
-   strip and more, so it sees the same object at least as completely — in full when the object is no
-   larger than the overlap. Objects larger than the overlap are seen truncated by every window; their
-   fragments are kept and left to the merge (choose `overlap` ≥ the largest object to avoid that);
+   window beyond it; scene/region edges never count) within `edge_tolerance` px, and that lies inside
+   the overlap strip along that edge and clear of the strip's far side by more than the tolerance, is
+   dropped. The neighbouring window contains that whole strip and more, so it sees the same object at
+   least as completely — in full when the object is no larger than the overlap — and, because the box
+   is clear of its edge, does not drop it: of two windows sharing a seam at most one drops a box.
+   Objects larger than the overlap are seen truncated by every window; their fragments are kept and
+   left to the merge (choose `overlap` ≥ the largest object to avoid that);
 4. boxes are shifted to scene pixels.
 Across windows, boxes that touch an overlap strip (the only places where duplicates can occur) are
 merged with class-aware NMS or WBF (`merge`, `merge_iou`); boxes away from the strips pass untouched.
@@ -223,14 +225,16 @@ def _seam_drop(b: np.ndarray, w: _Window, tol: float) -> np.ndarray:
     """The seam rule (module docstring, step 3) for boxes `b` in scene pixels."""
     drop = np.zeros(len(b), bool)
     right, bottom = w.col + w.width, w.row + w.height
+    # "Inside the strip" is strict by the same tolerance, so the neighbour never counts that box as
+    # touching its own facing edge: of two windows sharing a seam, at most one drops a given box.
     if w.right_start is not None:
-        drop |= (b[:, 2] >= right - tol) & (b[:, 0] >= w.right_start)
+        drop |= (b[:, 2] >= right - tol) & (b[:, 0] > w.right_start + tol)
     if w.left_end is not None:
-        drop |= (b[:, 0] <= w.col + tol) & (b[:, 2] <= w.left_end)
+        drop |= (b[:, 0] <= w.col + tol) & (b[:, 2] < w.left_end - tol)
     if w.bottom_start is not None:
-        drop |= (b[:, 3] >= bottom - tol) & (b[:, 1] >= w.bottom_start)
+        drop |= (b[:, 3] >= bottom - tol) & (b[:, 1] > w.bottom_start + tol)
     if w.top_end is not None:
-        drop |= (b[:, 1] <= w.row + tol) & (b[:, 3] <= w.top_end)
+        drop |= (b[:, 1] <= w.row + tol) & (b[:, 3] < w.top_end - tol)
     return drop
 
 
@@ -339,14 +343,18 @@ def predict_scenes(
 ) -> list[Path]:
     """Predict every scene with the exported model and write vector files; returns the paths written.
 
-    `fmt` ('geojson' | 'gpkg') and `per_scene` default to cfg.format / cfg.per_scene. Per run, `out` is
-    one file (GeoJSON: all scenes in EPSG:4326; GeoPackage: one layer per scene in its CRS); per scene,
-    `out` is a folder with one `<scene>.<ext>` each.
+    `fmt` ('geojson' | 'gpkg') defaults to the suffix of `out` (.gpkg → gpkg), else cfg.format; `per_scene`
+    defaults to cfg.per_scene. Per run, `out` is one file (GeoJSON: all scenes in EPSG:4326; GeoPackage: one
+    layer per scene in its CRS). Per scene — and whenever `out` has no .geojson/.json/.gpkg suffix (a
+    folder) — `out` is a folder with one `<scene>.<ext>` each.
     """
     from pipeline.predict.export import write_detections
 
-    fmt = fmt or cfg.format
+    suffix = Path(out).suffix.lower()
+    fmt = fmt or ("gpkg" if suffix == ".gpkg" else "geojson" if suffix in (".geojson", ".json") else cfg.format)
     per_scene = cfg.per_scene if per_scene is None else per_scene
+    if suffix not in (".geojson", ".json", ".gpkg"):
+        per_scene = True
     for s in scenes:
         if "://" not in str(s) and not str(s).startswith("/vsi") and not Path(s).exists():
             raise SatdetError(f"{s}: scene file not found")

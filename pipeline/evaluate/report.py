@@ -1,0 +1,94 @@
+"""eval/report.md: the metrics of one evaluation as a human-readable markdown page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.files import atomic_write_text
+
+
+def _f(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return "n/a" if v < 0 else f"{v:.3f}"
+    return str(v)
+
+
+def _summary_rows(metrics: dict[str, Any]) -> list[str]:
+    keys = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR", "VOC_AP50", "n_gt", "n_det"]
+    rows = ["| metric | scene | tile |", "|---|---|---|"]
+    for k in keys:
+        rows.append(f"| {k} | {_f((metrics.get('scene') or {}).get(k))} | {_f((metrics.get('tile') or {}).get(k))} |")
+    return rows
+
+
+def _prf_rows(m: dict[str, Any]) -> list[str]:
+    rows = ["| IoU | score threshold | precision | recall | F1 | TP | FP | FN |", "|---|---|---|---|---|---|---|---|"]
+    for iou, p in (m.get("prf") or {}).items():
+        rows.append(f"| {iou} | {_f(p['score_threshold'])} | {_f(p['precision'])} | {_f(p['recall'])} | "
+                    f"{_f(p['f1'])} | {p['tp']} | {p['fp']} | {p['fn']} |")
+    return rows
+
+
+def _class_rows(m: dict[str, Any]) -> list[str]:
+    rows = ["| class | AP | AP50 | AP75 | VOC AP50 | GT | detections |", "|---|---|---|---|---|---|---|"]
+    for name, c in (m.get("per_class") or {}).items():
+        rows.append(f"| {name} | {_f(c['AP'])} | {_f(c['AP50'])} | {_f(c['AP75'])} | {_f(c['VOC_AP50'])} | "
+                    f"{c['n_gt']} | {c['n_det']} |")
+    return rows
+
+
+def render_report(metrics: dict[str, Any], config: Config) -> str:
+    """The markdown text of report.md."""
+    lines = [
+        f"# Evaluation: {config.name}",
+        "",
+        f"Split **{metrics['split']}**: {metrics['n_scenes']} scene(s), {metrics['n_blocks']} block(s) "
+        f"predicted whole (scene level); {metrics['n_tiles']} tile(s) (tile level). Model: `{metrics['model']}`.",
+        "",
+        "Scene level is what `satdet predict` delivers: windows with overlap, seam rule, nodata suppression and "
+        f"{config.predict.merge.upper()} merge (IoU {config.predict.merge_iou}). COCO numbers are pycocotools' "
+        f"at maxDets={config.evaluate.max_dets} per image (block or tile) and class; size buckets by "
+        "ground-truth area in px² (small < 32², medium < 96², large ≥ 96²); n/a = no ground truth there.",
+        "",
+        "## Summary",
+        "",
+        *_summary_rows(metrics),
+        "",
+    ]
+    for level in ("scene", "tile"):
+        m = metrics.get(level)
+        if not m:
+            lines += [f"## {level.capitalize()} level", "", "Not available (nothing to score).", ""]
+            continue
+        lines += [
+            f"## {level.capitalize()} level",
+            "",
+            "Precision / recall / F1 at the score threshold that maximises F1 (all classes pooled):",
+            "",
+            *_prf_rows(m),
+            "",
+            "Per class:",
+            "",
+            *_class_rows(m),
+            "",
+        ]
+    lines += [
+        "## Figures",
+        "",
+        "![precision-recall](pr_curve.png)",
+        "",
+        "![examples: detections green, ground truth red](examples.png)",
+        "",
+        f"Scene detections with score ≥ {metrics['output_score_threshold']}: `detections.geojson` (EPSG:4326).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(metrics: dict[str, Any], config: Config, path: Path) -> Path:
+    """Write report.md atomically."""
+    return atomic_write_text(path, render_report(metrics, config))

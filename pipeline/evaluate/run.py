@@ -1,0 +1,195 @@
+"""The evaluation stage: score the exported model per scene (what users get) and per tile.
+
+    run_evaluation(config, model_dir, tiles_dir, out_dir) -> Path     (CLI `satdet evaluate CONFIG`)
+
+Scene level: for every scene in tiles/splits.json with blocks of `config.evaluate.split`, each such block
+is predicted with the full-scene inference of pipeline.predict (windows, seam rule, nodata, merge — the
+same code path as `satdet predict`) at score threshold 0, so the PR curve covers the model's whole score
+range (the model's own `model.score_threshold` still applies). Ground truth comes from the scene's labels
+through pipeline.geo.labels (any format, any CRS), restricted to the block with the tiling edge policy
+(pipeline.geo.edges.EdgePolicy, `tiling.min_visibility`): a label cut by the block edge counts, clipped,
+when enough of it is inside. Each block is one "image" for pycocotools, so `evaluate.max_dets` must
+cover the objects of a whole block.
+
+Tile level: the split's TFRecord shards are decoded and run through the same exported model (raw pixels,
+normalisation inside), scored against the tile boxes stored by tiling.
+
+Outputs in `out_dir`: metrics.json, report.md, pr_curve.png, examples.png, detections.geojson
+(scene-level detections at `predict.score_threshold`, EPSG:4326).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import Config
+from pipeline.errors import SatdetError
+from pipeline.evaluate.metrics import ImageBoxes, ImageDetections, coco_metrics
+from pipeline.files import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockResult:
+    """One evaluated block: its scene, window, ground truth and detections in scene pixels."""
+
+    scene: str
+    image: str
+    window: tuple[int, int, int, int]
+    gt_boxes: np.ndarray
+    gt_labels: np.ndarray
+    detections: Any  # pipeline.predict.scene.SceneDetections
+
+
+def _load_splits(tiles_dir: Path) -> dict[str, Any]:
+    path = tiles_dir / "splits.json"
+    if not path.is_file():
+        raise SatdetError(f"{path}: not found; run the tiling stage first (satdet tile CONFIG)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise SatdetError(f"{path}: not valid JSON; re-run the tiling stage") from None
+
+
+def evaluate_scenes(config: Config, detector: Any, tiles_dir: Path) -> list[BlockResult]:
+    """Predict every `config.evaluate.split` block of every labelled scene; ground truth per block."""
+    from pipeline.geo.edges import EdgePolicy
+    from pipeline.geo.labels import read_labels
+    from pipeline.geo.raster import raster_info
+    from pipeline.predict.scene import predict_region
+
+    split = config.evaluate.split
+    policy = EdgePolicy(config.tiling.min_visibility)
+    pcfg = config.predict.model_copy(update={"score_threshold": 0.0})
+    results: list[BlockResult] = []
+    for entry in _load_splits(tiles_dir).get("scenes", []):
+        blocks = [b for b in entry.get("blocks", []) if b.get("split") == split]
+        if not blocks:
+            continue
+        if not entry.get("labels"):
+            log.warning("scene %s has no labels; skipped in scene-level evaluation", entry.get("scene"))
+            continue
+        info = raster_info(entry["image"])
+        labels = read_labels(entry["labels"], info, config.classes, config.tiling.label_field)
+        for block in blocks:
+            c, r, w, h = (int(v) for v in block["window"])
+            kept = policy.apply(labels.boxes, (c, r, c + w, r + h))
+            dets = predict_region(detector, entry["image"], pcfg, region=(c, r, w, h))
+            results.append(BlockResult(entry["scene"], entry["image"], (c, r, w, h), kept.boxes,
+                                       labels.class_ids[kept.index], dets))
+    return results
+
+
+def _block_metrics(blocks: list[BlockResult], config: Config) -> dict[str, Any]:
+    gts, dets = [], []
+    for b in blocks:
+        shift = np.array(b.window[:2] * 2, np.float64)
+        name = f"{b.scene}@{b.window[0]},{b.window[1]}"
+        gts.append(ImageBoxes(b.gt_boxes - shift, b.gt_labels, name))
+        d = b.detections
+        dets.append(ImageDetections(d.boxes - shift, d.labels, name, scores=d.scores))
+    return coco_metrics(gts, dets, config.classes, config.evaluate.max_dets,
+                        tuple(config.evaluate.iou_thresholds_f1))
+
+
+def evaluate_tiles(config: Config, detector: Any, tiles_dir: Path, batch: int = 8) -> tuple[dict[str, Any] | None, int]:
+    """Per-tile metrics on the split's shards through the exported model; (None, 0) when there are none."""
+    import tensorflow as tf
+
+    from pipeline.data.dataset import shard_paths
+    from pipeline.data.records import decode_tile_numpy
+
+    shards = shard_paths(tiles_dir, config.evaluate.split)
+    if not shards:
+        return None, 0
+    gts: list[ImageBoxes] = []
+    dets: list[ImageDetections] = []
+    pending: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        shapes = {t["image"].shape for t in pending}
+        for shape in shapes:  # tiles of one run share a size; group anyway to be safe
+            group = [t for t in pending if t["image"].shape == shape]
+            out = detector.predict(np.stack([t["image"] for t in group]))
+            for n, t in enumerate(group):
+                k = int(out["num_detections"][n])
+                gts.append(ImageBoxes(t["boxes"], t["labels"], t["id"]))
+                dets.append(ImageDetections(out["boxes"][n][:k], out["classes"][n][:k], t["id"],
+                                            scores=out["scores"][n][:k]))
+        pending.clear()
+
+    for record in tf.data.TFRecordDataset([str(s) for s in shards]).as_numpy_iterator():
+        pending.append(decode_tile_numpy(record))
+        if len(pending) >= batch:
+            flush()
+    if pending:
+        flush()
+    return coco_metrics(gts, dets, config.classes, config.evaluate.max_dets,
+                        tuple(config.evaluate.iou_thresholds_f1)), len(gts)
+
+
+def run_evaluation(config: Config, model_dir: Path, tiles_dir: Path, out_dir: Path) -> Path:
+    """Scene- and tile-level evaluation of the exported model; writes the report files into `out_dir`."""
+    from pipeline.evaluate.plots import plot_examples, plot_pr_curves
+    from pipeline.evaluate.report import write_report
+    from pipeline.predict.export import write_detections
+    from pipeline.predict.scene import load_detector, resolve_export_dir
+
+    model_dir, tiles_dir, out_dir = Path(model_dir), Path(tiles_dir), Path(out_dir)
+    export_dir = resolve_export_dir(model_dir)
+    detector = load_detector(export_dir)
+    model_classes = list(detector.info.get("classes") or config.classes)
+    if model_classes != list(config.classes):
+        raise SatdetError(f"{export_dir}: model classes {model_classes} differ from config classes "
+                          f"{list(config.classes)}; evaluate with the config the model was trained with")
+
+    blocks = evaluate_scenes(config, detector, tiles_dir)
+    scene = _block_metrics(blocks, config) if blocks else None
+    tile, n_tiles = evaluate_tiles(config, detector, tiles_dir)
+    if scene is None and tile is None:
+        raise SatdetError(f"{tiles_dir}: no labelled {config.evaluate.split} blocks or tiles to evaluate; "
+                          f"check tiling.split fractions or set evaluate.split")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    thr = config.predict.score_threshold
+    shown = []
+    for b in blocks:
+        d = b.detections
+        keep = d.scores >= thr
+        shown.append(type(d)(**{**d.__dict__, "boxes": d.boxes[keep], "scores": d.scores[keep],
+                                "labels": d.labels[keep]}))
+    if shown and all(s.crs for s in shown):
+        write_detections(shown, out_dir / "detections.geojson", "geojson")
+    else:
+        from pipeline.files import atomic_write_text
+
+        atomic_write_text(out_dir / "detections.geojson", '{"type": "FeatureCollection", "features": []}\n')
+
+    metrics = {
+        "split": config.evaluate.split,
+        "n_scenes": len({b.scene for b in blocks}),
+        "n_blocks": len(blocks),
+        "n_tiles": n_tiles,
+        "model": str(export_dir),
+        "output_score_threshold": thr,
+        "scene": scene,
+        "tile": tile,
+    }
+    atomic_write_json(out_dir / "metrics.json", metrics)
+    plot_pr_curves(metrics, out_dir / "pr_curve.png")
+    plot_examples(blocks, config, out_dir / "examples.png", score_threshold=_example_threshold(scene, thr))
+    write_report(metrics, config, out_dir / "report.md")
+    return out_dir
+
+
+def _example_threshold(scene: dict[str, Any] | None, default: float) -> float:
+    """Draw detections at the best-F1 threshold (IoU 0.5) when known, else the output threshold."""
+    best = ((scene or {}).get("prf") or {}).get("0.5", {}).get("score_threshold", -1)
+    return float(best) if best is not None and best >= 0 else default

@@ -1,0 +1,106 @@
+"""pipeline/evaluate/run.py with the bright-square test double (fast; the trained-model run is in test_end_to_end)."""
+
+from __future__ import annotations
+
+import json
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import shapely
+import tensorflow as tf
+
+from pipeline.config import Config
+from pipeline.data.records import encode_tile
+from pipeline.errors import SatdetError
+from pipeline.predict import scene as scene_mod
+
+
+def _load_fakes():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("predict_fakes", Path(__file__).parents[1] / "predict" / "fakes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_fakes = _load_fakes()
+ORIGIN, PIXEL, BrightSquareDetector, write_scene = _fakes.ORIGIN, _fakes.PIXEL, _fakes.BrightSquareDetector, _fakes.write_scene
+
+SQUARES = [(10, 10, 24, 24), (40, 30, 52, 42), (90, 50, 106, 64), (58, 90, 72, 104), (120, 120, 134, 134)]
+
+
+def _tiles_dir(tmp_path, scene_path, labels_path):
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    splits = {"method": "block", "scenes": [{
+        "scene": "s", "image": str(scene_path), "labels": str(labels_path), "width": 160, "height": 160,
+        "crs": "EPSG:32617", "blocks": [{"window": [0, 0, 80, 160], "split": "train"},
+                                        {"window": [80, 0, 80, 160], "split": "test"}]}]}
+    (tiles / "splits.json").write_text(json.dumps(splits))
+    import rasterio
+
+    with rasterio.open(scene_path) as ds:  # one test tile at rows 40..104, cols 80..144
+        img = np.moveaxis(ds.read(window=((40, 104), (80, 144))), 0, -1)
+    with tf.io.TFRecordWriter(str(tiles / "test-00000-of-00001.tfrecord")) as w:
+        w.write(encode_tile(img, np.array([[10.0, 10.0, 26.0, 24.0]]), np.array([1]), "t0", "s"))
+    return tiles
+
+
+def _labels(tmp_path, squares=SQUARES):
+    polys = [shapely.box(ORIGIN[0] + x0 * PIXEL, ORIGIN[1] - y1 * PIXEL, ORIGIN[0] + x1 * PIXEL, ORIGIN[1] - y0 * PIXEL)
+             for x0, y0, x1, y1 in squares]
+    gdf = gpd.GeoDataFrame({"label": ["tree"] * len(polys)}, geometry=polys, crs=32617).to_crs(4326)
+    path = tmp_path / "s.geojson"
+    gdf.to_file(path, driver="GeoJSON")
+    return path
+
+
+def test_scene_level_evaluation_of_a_perfect_detector(tmp_path, monkeypatch):
+    from pipeline.evaluate.run import run_evaluation
+
+    scene = write_scene(tmp_path / "s.tif", 160, 160, SQUARES)
+    tiles = _tiles_dir(tmp_path, scene, _labels(tmp_path))
+    monkeypatch.setattr(scene_mod, "resolve_export_dir", lambda p: p)
+    monkeypatch.setattr(scene_mod, "load_detector", lambda p: BrightSquareDetector(tile_size=64))
+    cfg = Config(classes=["tree", "car"], predict={"overlap": 16}, evaluate={"split": "test", "examples": 2})
+    out = run_evaluation(cfg, tmp_path / "model", tiles, tmp_path / "eval")
+    for name in ("metrics.json", "report.md", "pr_curve.png", "examples.png", "detections.geojson"):
+        assert (out / name).stat().st_size > 0, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    # test block x in [80, 160): squares 3 and 5 whole, none cut (square 2 at x 40..52 is in train)
+    assert metrics["n_blocks"] == 1 and metrics["scene"]["n_gt"] == 2
+    assert metrics["scene"]["AP50"] == pytest.approx(1.0) and metrics["scene"]["AP"] == pytest.approx(1.0)
+    assert metrics["scene"]["prf"]["0.5"]["f1"] == pytest.approx(1.0)
+    assert metrics["n_tiles"] == 1 and metrics["tile"]["AP50"] == pytest.approx(1.0)
+    dets = gpd.read_file(out / "detections.geojson").to_crs(32617)
+    assert len(dets) == 2
+    assert "| AP50 | 1.000 |" in (out / "report.md").read_text()
+
+
+def test_block_edge_uses_the_tiling_edge_policy(tmp_path, monkeypatch):
+    from pipeline.evaluate.run import evaluate_scenes
+
+    # a square cut 4/14 by the block edge at x = 80: 10/14 inside the test block -> kept, clipped
+    squares = [(70, 10, 84, 24), (76, 40, 90, 54)]
+    scene = write_scene(tmp_path / "s.tif", 160, 160, squares)
+    tiles = _tiles_dir(tmp_path, scene, _labels(tmp_path, squares))
+    cfg = Config(classes=["tree", "car"], predict={"overlap": 16}, tiling={"min_visibility": 0.6})
+    [block] = evaluate_scenes(cfg, BrightSquareDetector(tile_size=64), tiles)
+    # (70..84): 4/14 inside -> dropped at 0.6; (76..90): 10/14 inside -> kept as 80..90
+    np.testing.assert_allclose(block.gt_boxes, [[80, 40, 90, 54]])
+    np.testing.assert_allclose(np.sort(block.detections.boxes, 0), [[80, 10, 84, 24], [80, 40, 90, 54]])
+
+
+def test_nothing_to_evaluate_is_an_error(tmp_path, monkeypatch):
+    from pipeline.evaluate.run import run_evaluation
+
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    (tiles / "splits.json").write_text(json.dumps({"method": "scene", "scenes": []}))
+    monkeypatch.setattr(scene_mod, "resolve_export_dir", lambda p: p)
+    monkeypatch.setattr(scene_mod, "load_detector", lambda p: BrightSquareDetector())
+    with pytest.raises(SatdetError, match="no labelled test blocks"):
+        run_evaluation(Config(classes=["tree", "car"]), tmp_path, tiles, tmp_path / "eval")
