@@ -132,9 +132,10 @@ def resolve_export_dir(path: str | Path) -> Path:
 
 def load_detector(export_dir: str | Path) -> Detector:
     """Load an exported model (pipeline.model.export.load_exported) after checking it is an export."""
+    export_dir = resolve_export_dir(export_dir)  # a clear error before TensorFlow is even imported
     from pipeline.model.export import load_exported
 
-    return load_exported(resolve_export_dir(export_dir))
+    return load_exported(export_dir)
 
 
 def model_bands(info: dict[str, Any]) -> list[int]:
