@@ -61,7 +61,7 @@ def stage_key(stage: str, config: Config, sections: Iterable[str], inputs: dict[
         "classes": config.classes,
         "seed": config.seed,
         "config": {name: config.section_dump(name) for name in sorted(sections)},
-        "inputs": {name: fingerprint(p) if isinstance(p, (str, Path)) else p for name, p in sorted(inputs.items())},
+        "inputs": {str(name): fingerprint(p) if isinstance(p, (str, Path)) else p for name, p in inputs.items()},
         "output": str(Path(output).resolve()),
     }
     blob = json.dumps(payload, sort_keys=True, default=str).encode()

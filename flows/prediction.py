@@ -1,8 +1,9 @@
-"""Prediction as a Prefect flow: one task per scene through an exported model, written as detection files.
+"""Prediction as a Prefect flow: scenes through an exported model, written as detection files.
 
-Scenes run one after another on the flow's main thread (the model and GPU memory live there); each is
-retried on transient IO errors and cached on the content of the model, the scene and the `predict:`
-settings, so re-running over a folder of imagery only predicts what is new or changed.
+Tasks run one after another on the flow's main thread (the model and GPU memory live there); each is
+retried on transient IO errors and cached on the content of the model, the scenes and the `predict:`
+settings. With an output folder every scene is its own task, so re-running over a folder of imagery
+only predicts what is new or changed.
 """
 
 from __future__ import annotations
@@ -21,19 +22,24 @@ from pipeline.errors import SatdetError
 
 
 @task(
-    name="predict-scene",
-    task_run_name="predict-{scene.name}",
+    name="predict-scenes",
+    task_run_name="predict-{label}",
     retries=2,
     retry_delay_seconds=exponential_backoff(backoff_factor=5),
     retry_condition_fn=_transient,
-    cache_key_fn=key_fn("predict-scene", ["predict"], lambda p: {"model": p["export_dir"], "scene": p["scene"]}, "out"),
+    cache_key_fn=key_fn(
+        "predict-scenes", ["predict"], lambda p: {"model": p["export_dir"], **dict(enumerate(map(str, p["scenes"])))}, "out"
+    ),
     persist_result=True,
 )
-def predict_scene(config: Config, export_dir: Path, scene: Path, out: Path) -> list[Path]:
-    """Stream one scene through the model and write its detections under `out`."""
+def predict_task(config: Config, export_dir: Path, scenes: list[Path], out: Path, label: str) -> list[Path]:
+    """Stream scenes through the model and write their detections to `out` (a file or a folder)."""
     from pipeline.predict import scene as scene_stage
 
-    return [Path(p) for p in scene_stage.predict_scenes(Path(export_dir), [Path(scene)], Path(out), config.predict)]
+    return [Path(p) for p in scene_stage.predict_scenes(Path(export_dir), list(scenes), Path(out), config.predict)]
+
+
+_FILE_SUFFIXES = (".geojson", ".json", ".gpkg")
 
 
 def _export_dir(model_dir: Path) -> Path:
@@ -54,25 +60,30 @@ def predict_scenes(
     Args:
         model_dir: a run's model/ folder or its export/ folder.
         scenes: raster paths (or GDAL URLs) to predict.
-        out: output folder.
+        out: output folder (one file per scene) or a .geojson/.gpkg file (all scenes in one file).
         predict: the `predict:` config section as a dict (defaults when omitted).
         force: re-predict scenes even when a cached result matches.
     """
     logger = get_run_logger()
     export_dir = _export_dir(Path(model_dir).resolve())
     config = Config(predict=PredictConfig.model_validate(predict or {}))
-    out_dir = Path(out).resolve()
+    out_path = Path(out).resolve()
+    paths = [Path(s) if "://" in s or s.startswith("/vsi") else Path(s).resolve() for s in scenes]
+    # One output file holds every scene, so it is written by one task; an output folder gets one task
+    # (and one cache entry) per scene, so only new or changed scenes are predicted again.
+    if out_path.suffix.lower() in _FILE_SUFFIXES:
+        batches = [(out_path.stem, paths)]
+    else:
+        batches = [(p.stem, [p]) for p in paths]
     written: list[Path] = []
     rows = []
-    for scene in scenes:
-        scene_path = Path(scene) if "://" in scene or scene.startswith("/vsi") else Path(scene).resolve()
-        task_ = predict_scene.with_options(refresh_cache=True) if force else predict_scene
-        files = task_(config, export_dir, scene_path, out_dir)
-        missing = [f for f in files if not f.exists()]
-        if missing:  # a cache hit whose files were deleted since: predict again
-            files = predict_scene.with_options(refresh_cache=True)(config, export_dir, scene_path, out_dir)
+    for label, batch in batches:
+        task_ = predict_task.with_options(refresh_cache=True) if force else predict_task
+        files = task_(config, export_dir, batch, out_path, label)
+        if not all(f.exists() for f in files):  # a cache hit whose files were deleted since: predict again
+            files = predict_task.with_options(refresh_cache=True)(config, export_dir, batch, out_path, label)
         written += files
-        rows.append({"scene": str(scene), "outputs": ", ".join(str(f) for f in files)})
-        logger.info("%s → %s", scene, ", ".join(str(f) for f in files))
+        rows += [{"scenes": ", ".join(p.name for p in batch), "output": str(f)} for f in files]
+        logger.info("%s → %s", ", ".join(p.name for p in batch), ", ".join(str(f) for f in files))
     create_table_artifact(rows, key="satdet-predictions", description=f"Detections from {export_dir}")
     return [str(p) for p in written]

@@ -212,9 +212,11 @@ def run_cmd(
 def predict_flow_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Run's model/ folder (or its export/ SavedModel).")],
     scenes: Annotated[list[Path], typer.Argument(help="Scene rasters to predict.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the detection files.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Output folder (one file per scene) or one .geojson/.gpkg file.")
+    ],
     config: Annotated[
-        Optional[Path], typer.Option("--config", "-c", help="Config whose `predict:` section to use.")
+        Path | None, typer.Option("--config", "-c", help="Config whose `predict:` section to use.")
     ] = None,
     set_: SetOpt = None,
 ) -> None:
@@ -237,7 +239,7 @@ def predict_flow_cmd(
 def schedule_cmd(
     config: ConfigArg,
     cron: Annotated[str, typer.Option("--cron", help="Cron schedule (UTC unless --timezone).")] = "0 3 * * 0",
-    name: Annotated[Optional[str], typer.Option("--name", help="Deployment name; default satdet-<run name>.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Deployment name; default retrain-<run name>.")] = None,
     timezone: Annotated[str, typer.Option("--timezone", help="IANA timezone of the cron schedule.")] = "UTC",
     set_: SetOpt = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the deployment instead of serving it.")] = False,

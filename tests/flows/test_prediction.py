@@ -1,0 +1,90 @@
+"""The prediction flow: one cached task per scene for an output folder, one task for an output file."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import pipeline.predict.scene as scene_stage
+from flows.prediction import predict_scenes
+from pipeline.cli import app
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    export = tmp_path / "model" / "export"
+    export.mkdir(parents=True)
+    (export / "model_info.json").write_text(json.dumps({"classes": ["tree"], "tile_size": 64}))
+    return tmp_path / "model"
+
+
+@pytest.fixture
+def rasters(tmp_path: Path) -> list[Path]:
+    paths = []
+    for name in ("a", "b"):
+        p = tmp_path / "imagery" / f"{name}.tif"
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(name.encode() * 10)  # content only matters to the cache key: the stage is faked
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Replace the prediction stage by a fake that records the scenes of each call and writes files."""
+    seen: list[list[str]] = []
+
+    def fake(export_dir, scenes, out, cfg, **kwargs):
+        assert (Path(export_dir) / "model_info.json").exists()
+        seen.append([Path(s).name for s in scenes])
+        out = Path(out)
+        if out.suffix:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"scenes": [Path(s).stem for s in scenes]}))
+            return [out]
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        for s in scenes:
+            f = out / f"{Path(s).stem}.geojson"
+            f.write_text(json.dumps({"score_threshold": cfg.score_threshold}))
+            written.append(f)
+        return written
+
+    monkeypatch.setattr(scene_stage, "predict_scenes", fake)
+    return seen
+
+
+def test_output_folder_predicts_each_scene_once_and_only_changed_scenes_again(prefect_api, model_dir, rasters,
+                                                                               tmp_path, calls):
+    out = tmp_path / "pred"
+    written = predict_scenes(str(model_dir), [str(p) for p in rasters], str(out), predict={"score_threshold": 0.4})
+    assert sorted(Path(w).name for w in written) == ["a.geojson", "b.geojson"]
+    assert sorted(calls) == [["a.tif"], ["b.tif"]]
+    assert json.loads((out / "a.geojson").read_text()) == {"score_threshold": 0.4}
+
+    predict_scenes(str(model_dir), [str(p) for p in rasters], str(out), predict={"score_threshold": 0.4})
+    assert len(calls) == 2  # both served from cache
+
+    st = rasters[1].stat()
+    os.utime(rasters[1], ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # new imagery under the same name
+    predict_scenes(str(model_dir), [str(p) for p in rasters], str(out), predict={"score_threshold": 0.4})
+    assert len(calls) == 3 and calls[-1] == ["b.tif"]
+
+
+def test_output_file_gets_every_scene_in_one_call(prefect_api, model_dir, rasters, tmp_path, calls):
+    out = tmp_path / "pred" / "all.geojson"
+    written = predict_scenes(str(model_dir / "export"), [str(p) for p in rasters], str(out))
+    assert written == [str(out)]
+    assert calls == [["a.tif", "b.tif"]]
+
+
+def test_cli_reports_missing_model_in_one_line(prefect_api, rasters, tmp_path, calls):
+    result = CliRunner().invoke(app, ["predict-flow", str(tmp_path / "nomodel"), str(rasters[0]),
+                                      "--out", str(tmp_path / "pred")])
+    assert result.exit_code == 2
+    assert "no exported model here" in result.output
+    assert calls == []
