@@ -197,7 +197,7 @@ def _geojson(boxes: np.ndarray, ids: np.ndarray, classes: Sequence[str], transfo
     features = []
     for (x0, y0, x1, y1), cid in zip(boxes, ids):
         corners = [(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)]
-        mx, my = zip(*(transform * c for c in corners))
+        mx, my = zip(*(transform @ c for c in corners))
         lon, lat = to_wgs84.transform(np.asarray(mx), np.asarray(my))
         ring = [[round(float(a), 10), round(float(b), 10)] for a, b in zip(lon, lat)]
         features.append({"type": "Feature", "properties": {"label": classes[cid - 1]},
