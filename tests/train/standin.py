@@ -93,3 +93,32 @@ def tiny_config(steps: int = 20, clip: dict | None = None, learning_rate: float 
     for key, value in train.items():
         setattr(cfg.train, key, value)
     return cfg
+
+
+def resume_run(model_dir: str, resume: bool, slow_after: int = -1) -> list[np.ndarray]:
+    """The run of the kill-and-resume test: momentum SGD, cosine LR with warmup, autoclip (stateful) and
+    input noise from the checkpointed generator. With slow_after >= 0 the input pipeline hangs from that
+    batch on, so a process running it is reliably still alive when it gets killed."""
+    import time
+
+    from pipeline.train.loop import fit
+
+    cfg = tiny_config(steps=20, clip={"strategy": "autoclip", "percentile": 50.0, "warmup_steps": 2}, learning_rate=0.1)
+    cfg.train.checkpoint_every = 10
+
+    def hang(i):
+        if i >= slow_after:
+            time.sleep(600)
+        return i
+
+    def data() -> tf.data.Dataset:
+        ds = synthetic_dataset(batch=4, n=24, seed=1)
+        if slow_after < 0:
+            return ds
+        return ds.enumerate().map(lambda i, b: (tf.numpy_function(hang, [i], tf.int64), b)[1])
+
+    model = build_model(0, noise=0.05)
+    fit(model, data, cfg, model_dir, resume=resume, progress=False)
+    weights = [v.numpy() for v in model.trainable_variables]
+    np.savez(f"{model_dir}/final.npz", *weights)
+    return weights
