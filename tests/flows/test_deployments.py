@@ -50,3 +50,13 @@ def test_docker_work_pool_requests_all_gpus_and_mounts_data_and_runs(project):
         targets = {v.split(":")[1] for v in jv["volumes"]}
         assert {"/work/data", "/work/runs"} <= targets
         assert jv["image"].startswith("satdet:")
+
+
+def test_gpu_config_used_by_the_deployments_is_valid_and_its_scenes_exist():
+    from pipeline.config import load_config
+
+    cfg = load_config(PREFECT_YAML.parent / "configs" / "gpu-r50.yaml")
+    assert (cfg.model.backbone, cfg.model.mixed_precision, cfg.train.jit_compile, cfg.data.batch_size) == (
+        "resnet50", "mixed_float16", True, 8)
+    for scene in cfg.tiling.scenes:
+        assert scene.image.exists() and scene.labels.exists()
