@@ -9,7 +9,7 @@ kept for the whole scene.
 
 Windows: `tile_size` (None → the size the model was trained on) with `overlap`; the last row/column is
 shifted inward so every window lies inside the scene (or the region); a scene smaller than a window is
-padded with zeros, and the pad counts as nodata.
+sent as it is (the exported model pads it to its tile size after normalising) and boxes are clipped to it.
 
 Per window, after the model:
 1. boxes below `score_threshold` are dropped; boxes are clipped to the pixels actually read;
@@ -168,8 +168,11 @@ def _read_batches(path: str, windows: Sequence[_Window], bands: list[int], size:
         with open_raster(path) as ds:
             for k in range(0, len(windows), batch):
                 chunk = windows[k:k + batch]
-                images = np.zeros((len(chunk), size, size, len(bands)), ds.dtypes[0])
-                masks = np.ones((len(chunk), size, size), bool)  # pad = nodata
+                # Windows are `size` square unless the region is smaller: then the window is the region
+                # itself, and padding is left to the detector (the export pads after normalising).
+                hh, ww = chunk[0].height, chunk[0].width
+                images = np.zeros((len(chunk), hh, ww, len(bands)), ds.dtypes[0])
+                masks = np.zeros((len(chunk), hh, ww), bool)
                 for n, w in enumerate(chunk):
                     win = Window(w.col, w.row, w.width, w.height)
                     data = ds.read(bands, window=win)

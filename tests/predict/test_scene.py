@@ -72,11 +72,11 @@ def test_boxes_mostly_over_nodata_are_dropped(tmp_path):
     assert len(lenient) == 2
 
 
-def test_small_scene_is_padded_and_pad_never_reported(tmp_path):
+def test_small_scene_is_one_window_of_its_own_size(tmp_path):
     path = write_scene(tmp_path / "s.tif", 50, 40, [(40, 30, 50, 40)])
     det = BrightSquareDetector(tile_size=64)
     out = predict_region(det, path, PredictConfig(overlap=16, score_threshold=0.1))
-    assert det.batches == [(1, 64, 64, 3)]
+    assert det.batches == [(1, 40, 50, 3)]
     np.testing.assert_allclose(out.boxes, [[40, 30, 50, 40]])
 
 
