@@ -26,14 +26,14 @@ def _tensorflow() -> dict[str, Any]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
         import tensorflow as tf
-    except Exception as err:  # ImportError, or a broken CUDA wheel failing at import
+    except Exception as err:  # noqa: BLE001 - ImportError, or a broken CUDA wheel failing at import
         return {"error": f"cannot import tensorflow: {err}"}
     info: dict[str, Any] = {"version": tf.__version__}
     try:
         import keras
 
         info["keras"] = keras.__version__
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - report, never raise
         info["keras"] = f"error: {err}"
     build = dict(tf.sysconfig.get_build_info())
     info["cuda_build"] = bool(build.get("is_cuda_build", False))
@@ -47,7 +47,7 @@ def _tensorflow() -> dict[str, Any]:
             entry["device"] = details.get("device_name")
             cc = details.get("compute_capability")
             entry["compute_capability"] = ".".join(map(str, cc)) if cc else None
-        except Exception:  # details are best-effort; the device itself is what matters
+        except Exception:  # noqa: BLE001, S110 - details are best-effort; the device itself is what matters
             pass
         gpus.append(entry)
     info["gpus"] = gpus
@@ -57,7 +57,7 @@ def _tensorflow() -> dict[str, Any]:
 def _rasterio() -> dict[str, Any]:
     try:
         import rasterio
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - report, never raise
         return {"error": f"cannot import rasterio: {err}"}
     return {"version": rasterio.__version__, "gdal": rasterio.__gdal_version__}
 
