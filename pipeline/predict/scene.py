@@ -30,6 +30,7 @@ merged with class-aware NMS or WBF (`merge`, `merge_iou`); boxes away from the s
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import threading
 import time
@@ -43,6 +44,8 @@ import numpy as np
 from pipeline.config import PredictConfig
 from pipeline.errors import SatdetError
 from pipeline.predict.merge import merge_boxes
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, float], None]  # (windows done, windows total, scene pixels done)
 
@@ -301,9 +304,11 @@ def predict_region(
     c0, r0, rw, rh = (int(v) for v in region)
     if rw <= 0 or rh <= 0 or c0 < 0 or r0 < 0 or c0 + rw > width or r0 + rh > height:
         raise SatdetError(f"{scene}: region {region} is not inside the {width}x{height} scene")
-    if cfg.overlap >= size:
-        raise SatdetError(f"predict.overlap ({cfg.overlap}) must be smaller than the window size ({size})")
-    windows = plan_windows((c0, r0, rw, rh), size, cfg.overlap)
+    overlap = cfg.overlap
+    if overlap >= size:  # e.g. the default 64 px with a 64 px model: keep going with a usable overlap
+        overlap = size // 4
+        log.warning("predict.overlap %d >= window size %d; using %d", cfg.overlap, size, overlap)
+    windows = plan_windows((c0, r0, rw, rh), size, overlap)
     started = time.perf_counter()
     kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     seam: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
