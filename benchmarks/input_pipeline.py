@@ -24,12 +24,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import numpy as np
+import tensorflow as tf
 
-from pipeline.config import Config  # noqa: E402
-from pipeline.data.dataset import build_dataset  # noqa: E402
-from pipeline.data.records import encode_tile  # noqa: E402
+from pipeline.config import Config
+from pipeline.data.dataset import build_dataset
+from pipeline.data.records import encode_tile
 
 
 def _write_tiles(root: Path, size: int, n: int, dtype: str, channels: int, per_shard: int = 16) -> Path:

@@ -104,7 +104,8 @@ def _make_transform(index: int, name: str, params: dict[str, Any], tile_size: in
             params.setdefault("width", tile_size)
     try:
         return cls(**params)
-    except Exception as err:  # albumentations validates params with pydantic (ValidationError) or TypeError
+    # albumentations validates params with pydantic (ValidationError) or fails with TypeError/ValueError
+    except Exception as err:  # noqa: BLE001
         first = str(err).strip().splitlines()
         detail = " ".join(line.strip() for line in first[:3])
         raise SatdetError(f"{where}: invalid params {params}: {detail}") from None
@@ -168,7 +169,7 @@ class Augmenter:
                 self(image, boxes, np.array([1], np.int32), (seed,))
         except SatdetError:
             raise
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - any failure here means "this list cannot run on these tiles"
             raise SatdetError(
                 f"data.augment: {self.names} cannot augment {self.channels}-band {self.dtype.name} tiles "
                 f"({err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}); remove or change it"

@@ -55,7 +55,9 @@ def write_preview(config: Any, tiles_dir: str | Path, n: int = 16, split: str = 
             colour = colours((int(label) - 1) % 10)
             # pixel edges sit at integers; imshow puts pixel centres there, hence the half-pixel shift
             ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, lw=1.2, ec=colour))
-        ax.set_title(f"{t['tile_id'].decode()} ({k} boxes)", fontsize=7)
+        tile_id = t["tile_id"].decode()
+        tile_id = tile_id if len(tile_id) <= 32 else "…" + tile_id[-31:]  # long scene names overlap their neighbours
+        ax.set_title(f"{tile_id} ({k} boxes)", fontsize=7)
     legend = ", ".join(f"{i}={name}" for i, name in enumerate(classes, 1))
     fig.suptitle(f"{split}{' (augmented)' if training else ''}: classes {legend}", fontsize=9)
     fig.tight_layout()

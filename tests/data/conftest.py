@@ -10,9 +10,9 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from pipeline.config import Config  # noqa: E402
+from pipeline.config import Config
 
-from .fake_tiles import write_tiles_dir  # noqa: E402
+from .fake_tiles import write_tiles_dir
 
 # boxes per tile; zeros are empty (negative) tiles
 TRAIN_COUNTS = [3, 0, 5, 1, 2, 0, 4, 2, 1, 3]

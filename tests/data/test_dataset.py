@@ -222,7 +222,7 @@ def test_tiles_that_disagree_with_stats_are_named(rgb_tiles: Path, tmp_path: Pat
 def test_errors_raised_inside_augmentation_keep_their_message(rgb_tiles: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from pipeline.data import augment
 
-    def broken(self, image, boxes, labels, seed):  # noqa: ANN001, ANN202
+    def broken(self, image, boxes, labels, seed):
         raise SatdetError("data.augment changed the tile size to 10x10 (tiles are 64)")
 
     ds = build_dataset(rgb_tiles, "train", make_config(rgb_tiles), training=True)
