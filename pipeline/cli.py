@@ -7,6 +7,7 @@ printed here as one line on stderr with a non-zero exit code.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -16,6 +17,9 @@ import typer
 from pipeline import __version__
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.errors import SatdetError
+
+# TensorFlow's C++ start-up chatter (oneDNN, CUDA stubs) buries the output users need; real errors still show.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 app = typer.Typer(
     add_completion=False,
@@ -131,6 +135,36 @@ def dataset_cmd(
         from pipeline.data.preview import write_preview
 
         typer.echo(write_preview(cfg, tiles, n=preview, split=split))
+
+
+# ------------------------------------------------------------------------------ training (issue 5)
+@app.command("train")
+@friendly_errors
+def train_cmd(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the newest checkpoint in run_dir/model/checkpoints.")
+    ] = False,
+) -> None:
+    """Train on run_dir/tiles with the configured clipping; writes run_dir/model (checkpoints, TensorBoard,
+    train_log.jsonl, export). Progress: step, loss, img/s, clip fraction."""
+    from pipeline.config import save_config
+    from pipeline.train.loop import run_training
+
+    cfg = load(config, set_)
+    tiles = cfg.run_dir / "tiles"
+    if not (tiles / "stats.json").exists():
+        raise SatdetError(f"{tiles}: no tiles yet; run `satdet tile {config}` first")
+    model_dir = cfg.run_dir / "model"
+    if not resume and (model_dir / "checkpoints" / "checkpoint").exists():
+        raise SatdetError(
+            f"{model_dir}: already holds checkpoints; pass --resume to continue, or remove the folder to start over"
+        )
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    out = run_training(cfg, tiles, model_dir, resume=resume)
+    typer.echo(f"model: {out}")
+    typer.echo(f"export: {out / 'export'}")
 
 
 # ------------------------------------------------------------------------- evaluate / predict (issue 6)
