@@ -24,6 +24,7 @@ import logging
 import os
 import random
 import threading
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +35,8 @@ from pipeline.errors import SatdetError
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check on import
 
 log = logging.getLogger(__name__)
+# a colour-only augment list leaves the box processor idle: expected here, not worth a warning per thread
+warnings.filterwarnings("ignore", message="Got processor for bboxes, but no transform", category=UserWarning)
 
 # Names that exist in albumentations but cannot work from a YAML list of (name, params) on tiles + boxes.
 _UNSUPPORTED = {
