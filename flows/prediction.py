@@ -51,7 +51,7 @@ def _export_dir(model_dir: Path) -> Path:
     raise SatdetError(f"{model_dir}: no exported model here; pass a run's model/ folder (with export/) or export/ itself")
 
 
-@flow(name="satdet-predict", log_prints=True)
+@flow(name="satdet-predict")
 def predict_scenes(
     model_dir: str, scenes: list[str], out: str, predict: dict[str, Any] | None = None, force: bool = False
 ) -> list[str]:

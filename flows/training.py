@@ -127,7 +127,7 @@ def evaluate(config: Config, model_dir: Path, tiles_dir: Path, out_dir: Path) ->
 
 
 # ------------------------------------------------------------------------------------------------ flow
-@flow(name="satdet-train", log_prints=True)
+@flow(name="satdet-train")
 def train_pipeline(config_path: str, overrides: list[str] | None = None, force: bool = False) -> dict[str, Any]:
     """Tile → dataset check → train → evaluate for one config; returns paths and the headline metrics.
 

@@ -223,6 +223,15 @@ def predict_cmd(
 # imports prefect, and `satdet --help` stays instant.
 
 
+def _prefect_env() -> None:
+    """Quiet defaults for Prefect (before it is imported); a user's own settings win."""
+    import os
+
+    # The temporary local server's usage telemetry fights the flow for its SQLite file ("database is
+    # locked" tracebacks in the middle of a run) and phones home; off unless the user turns it on.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
 @app.command("run")
 @friendly_errors
 def run_cmd(
@@ -232,6 +241,7 @@ def run_cmd(
 ) -> None:
     """Run the training pipeline as a Prefect flow: tile → dataset → train → evaluate (finished stages are cached)."""
     load(config, set_)  # fail fast, with one line, before Prefect starts
+    _prefect_env()
     from flows.training import train_pipeline
 
     result = train_pipeline(config_path=str(config), overrides=list(set_ or []), force=force)
@@ -256,6 +266,7 @@ def predict_flow_cmd(
 ) -> None:
     """Predict whole scenes with an exported model, as a Prefect flow (one task per scene)."""
     cfg = load(config, set_) if config or set_ else None
+    _prefect_env()
     from flows.prediction import predict_scenes
 
     written = predict_scenes(
@@ -280,6 +291,7 @@ def schedule_cmd(
 ) -> None:
     """Serve the training flow as a scheduled deployment (needs a Prefect server: PREFECT_API_URL)."""
     cfg = load(config, set_)
+    _prefect_env()
     from flows.schedule import describe_deployment, serve_training
 
     if dry_run:
