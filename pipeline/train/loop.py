@@ -108,10 +108,10 @@ class TrainStep(tf.Module):
 
     # ------------------------------------------------------------------ per replica
     def _compute_grads(self, images, targets):
-        variables = self.model.trainable_variables
         scale = self.loss_scale.scale if self.loss_scale is not None else tf.constant(1.0)
         with tf.GradientTape() as tape:
             raw = self.model.compute_losses(images, targets, training=True)
+            variables = self.model.trainable_variables  # read after the forward pass: layers may build lazily
             losses = {k: tf.cast(raw[k], tf.float32) for k in LOSS_KEYS}
             total = tf.add_n(list(losses.values()))
             if self.model.losses:  # weight regularisers declared on layers
@@ -234,7 +234,7 @@ class _Progress:
         if record:
             fields = dict(
                 loss=f"{record['loss']:.4f}" if isinstance(record.get("loss"), float) else "nan",
-                ips=f"{record['images_per_s']:.1f}",
+                ips=f"{record['images_per_s']:.1f}" if "images_per_s" in record else "-",
                 clip=f"{record['clip_fraction_total']:.0%}",
             )
         self.bar.update(self.task, completed=step, **fields)
@@ -246,7 +246,7 @@ class _Progress:
 
 def fit(
     model: keras.Model,
-    dataset_fn: Callable[[], tf.data.Dataset],
+    dataset_fn: Callable[[int], tf.data.Dataset],
     config: Config,
     model_dir: Path,
     *,
@@ -255,12 +255,14 @@ def fit(
     evaluate_fn: Callable[[keras.Model], float] | None = None,
     agc_exempt: list[str] | None = None,
     progress: bool = True,
+    explain_data_error: Callable[[Exception], Exception] | None = None,
 ) -> dict[str, Any]:
     """Train `model` on batches from `dataset_fn()` per `config.train`; returns a summary dict.
 
-    `dataset_fn` returns a *deterministic* dataset of (images, targets) batches; it is repeated and, on
-    resume, advanced past the batches already consumed (the data position), so a resumed run sees the
-    same batches as an uninterrupted one. `evaluate_fn(model) -> AP50` scores validation data for the
+    `dataset_fn(start_batch)` returns a *deterministic*, repeating dataset of (images, targets) batches
+    that begins after `start_batch` batches — the data position restored on resume — so a resumed run
+    sees the same batches as an uninterrupted one. `explain_data_error` turns a tf.errors.OpError raised
+    by the input pipeline into a user-facing error. `evaluate_fn(model) -> AP50` scores validation data for the
     best checkpoint and early stopping. Build the model inside `strategy.scope()` when distributed.
     """
     tcfg = config.train
@@ -270,9 +272,11 @@ def fit(
     batch_size = None
 
     with strategy.scope():
+        build_variables(model, dataset_fn(0).element_spec)
         state = RunState(config.seed)
         tf.random.set_global_generator(state.rng)
-        optimizer = build_optimizer(tcfg.optimizer, build_schedule(tcfg.schedule, tcfg.optimizer.learning_rate, tcfg.steps))
+        schedule = build_schedule(tcfg.schedule, tcfg.optimizer.learning_rate, tcfg.steps)
+        optimizer = build_optimizer(tcfg.optimizer, schedule)
         clipper = build_clipper(tcfg.clip, exempt=agc_exempt or [])
         loss_scale = LossScale() if config.model.mixed_precision == "mixed_float16" else None
         step_fn = make_train_step(
@@ -284,7 +288,7 @@ def fit(
     restored = restore_latest(ckpt, manager) if resume else None
     start = int(state.step.numpy())
 
-    dataset = dataset_fn().repeat().skip(int(state.data_position.numpy()))
+    dataset = dataset_fn(int(state.data_position.numpy()))
     spec_images = dataset.element_spec[0]
     batch_size = spec_images.shape[0]
     if strategy.num_replicas_in_sync > 1:
@@ -299,9 +303,17 @@ def fit(
     stop_reason, step, out = "steps", start, None
     try:
         while step < tcfg.steps:
-            images, targets = next(iterator)
+            try:
+                images, targets = next(iterator)
+            except tf.errors.OpError as err:
+                if explain_data_error is None:
+                    raise
+                raise explain_data_error(err) from None
             out = step_fn(images, targets)
             step += 1
+            if step == start + 1:  # leave tracing/compilation out of the throughput numbers
+                _ = out["loss"].numpy()
+                window_t, window_steps, window_images = time.monotonic(), -1, -(batch_size or _batch_of(images))
             state.step.assign(step)
             state.data_position.assign_add(1)
             window_steps += 1
@@ -311,13 +323,14 @@ def fit(
                 clipped_total, steps_total = int(step_fn.clipped_total.numpy()), int(step_fn.steps_total.numpy())
                 rec = {k: _to_float(v) for k, v in out.items() if k != "skipped"}
                 rec.update(
-                    lr=float(_to_float(optimizer.learning_rate)),
+                    lr=float(schedule(max(int(optimizer.iterations.numpy()) - 1, 0))),  # the LR of this update
                     clip_fraction=(clipped_total - last_clipped) / max(steps_total - last_steps, 1),
                     clip_fraction_total=clipped_total / max(steps_total, 1),
                     skipped_steps=int(step_fn.skipped.numpy()),
-                    images_per_s=window_images / max(now - window_t, 1e-9),
-                    steps_per_s=window_steps / max(now - window_t, 1e-9),
                 )
+                if window_steps > 0:  # zero only when the first step of this process is a log step
+                    rec.update(images_per_s=window_images / max(now - window_t, 1e-9),
+                               steps_per_s=window_steps / max(now - window_t, 1e-9))
                 if loss_scale is not None:
                     rec["loss_scale"] = float(loss_scale.scale.numpy())
                 record = telemetry.log(step, rec)
@@ -355,6 +368,18 @@ def fit(
     }
 
 
+def build_variables(model: keras.Model, element_spec: Any) -> None:
+    """Create every model variable with one eager loss computation on an all-zero batch without boxes.
+
+    The optimizer's slots and a checkpoint restore need the complete variable list before the first
+    traced step, and Keras layers may build lazily on their first call.
+    """
+    image_spec, target_spec = element_spec
+    zeros = lambda spec: tf.zeros([1 if d is None else d for d in spec.shape], spec.dtype)  # noqa: E731
+    targets = {k: zeros(v) for k, v in target_spec.items() if v.dtype != tf.string}
+    model.compute_losses(zeros(image_spec), targets, training=True)
+
+
 def _batch_of(images: Any) -> int:
     parts = getattr(images, "values", (images,))
     return int(sum(int(tf.shape(p)[0]) for p in parts))
@@ -374,10 +399,12 @@ def _evaluate(evaluate_fn, model, model_dir: Path, state: RunState, step: int, t
 
 
 def run_training(config: Config, tiles_dir: Path, model_dir: Path, resume: bool = False) -> Path:
-    """Train the detector on `tiles_dir`, write checkpoints/, tensorboard/, train_log.jsonl, best/ and
-    export/ under `model_dir`; returns `model_dir`."""
-    from pipeline.data.dataset import build_dataset
+    """Train the detector on `tiles_dir` per `config.train`; returns `model_dir`, which then holds
+    checkpoints/, tensorboard/, train_log.jsonl, best/ (when there is a val split), train_summary.json and
+    export/ (the best validation weights when validated, else the last ones)."""
+    from pipeline.data.dataset import build_dataset, explain_data_error, tile_count
     from pipeline.data.stats import load_stats
+    from pipeline.files import atomic_write_json
     from pipeline.model.detector import build_detector
     from pipeline.model.export import export_model
 
@@ -385,51 +412,33 @@ def run_training(config: Config, tiles_dir: Path, model_dir: Path, resume: bool 
     stats = load_stats(tiles_dir)
     keras.utils.set_random_seed(config.seed)
     strategy = choose_strategy(config.train.distribute)
-    previous_policy = keras.config.dtype_policy()
     with strategy.scope():
-        keras.config.set_dtype_policy(config.model.mixed_precision)
-        try:
-            model = build_detector(config.model, len(config.classes), int(stats["channels"]))
-            _ensure_built(model, build_dataset(tiles_dir, "train", config, training=False))
-        finally:
-            keras.config.set_dtype_policy(previous_policy)
-    exempt = [str(getattr(v, "path", v.name)) for v in getattr(model, "agc_exempt_variables", lambda: [])()]
-    evaluate_fn = _make_validation(config, tiles_dir)
+        model = build_detector(config.model, len(config.classes), int(stats["channels"]))
+    exempt_fn = getattr(model, "agc_exempt_variables", None)
+    exempt = [str(getattr(v, "path", v.name)) for v in exempt_fn()] if exempt_fn else []
+    evaluate_fn = None
+    if tile_count(tiles_dir, "val") > 0:
+        val = build_dataset(tiles_dir, "val", config, training=False)
+        classes, max_dets = list(config.classes), config.evaluate.max_dets
+
+        def evaluate_fn(m: keras.Model) -> float:
+            from pipeline.train.validation import validation_ap50
+
+            return validation_ap50(m, val, classes, max_dets)
+
     summary = fit(
         model,
-        lambda: build_dataset(tiles_dir, "train", config, training=True),
+        lambda start: build_dataset(tiles_dir, "train", config, training=True, start_batch=start),
         config,
         model_dir,
         resume=resume,
         strategy=strategy,
         evaluate_fn=evaluate_fn,
         agc_exempt=exempt,
+        explain_data_error=lambda err: explain_data_error(err, tiles_dir, "train"),
     )
     if evaluate_fn is not None:
         load_best(model, model_dir)  # export the best validation weights, not just the last ones
     export_model(model, stats, list(config.classes), model_dir / "export", int(stats["tile_size"]))
-    from pipeline.files import atomic_write_json
-
     atomic_write_json(model_dir / "train_summary.json", summary)
     return model_dir
-
-
-def _ensure_built(model: keras.Model, dataset: tf.data.Dataset) -> None:
-    """Create the model's variables (needed before the optimizer is built and a checkpoint restored)."""
-    if model.built and model.trainable_variables:
-        return
-    images, _ = next(iter(dataset.take(1)))
-    model(images[:1], training=False)
-
-
-def _make_validation(config: Config, tiles_dir: Path) -> Callable[[keras.Model], float] | None:
-    """AP50 on the validation tiles with pipeline.evaluate.metrics; None when there is no val split."""
-    from pipeline.data.dataset import build_dataset
-
-    try:
-        val = build_dataset(tiles_dir, "val", config, training=False)
-    except Exception:  # noqa: BLE001 - no val split (or it is empty): train without validation
-        return None
-    from pipeline.train.validation import validation_ap50
-
-    return lambda model: validation_ap50(model, val, list(config.classes), config.evaluate.max_dets)

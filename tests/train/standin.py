@@ -111,11 +111,11 @@ def resume_run(model_dir: str, resume: bool, slow_after: int = -1) -> list[np.nd
             time.sleep(600)
         return i
 
-    def data() -> tf.data.Dataset:
+    def data(start: int) -> tf.data.Dataset:
         ds = synthetic_dataset(batch=4, n=24, seed=1)
-        if slow_after < 0:
-            return ds
-        return ds.enumerate().map(lambda i, b: (tf.numpy_function(hang, [i], tf.int64), b)[1])
+        if slow_after >= 0:
+            ds = ds.enumerate().map(lambda i, b: (tf.numpy_function(hang, [i], tf.int64), b)[1])
+        return ds.skip(start)
 
     model = build_model(0, noise=0.05)
     fit(model, data, cfg, model_dir, resume=resume, progress=False)

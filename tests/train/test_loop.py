@@ -120,7 +120,7 @@ def test_fit_lowers_the_loss_and_writes_telemetry_and_checkpoints(tmp_path):
     cfg.train.checkpoint_every = 30
     cfg.train.optimizer.name = "adam"
     cfg.train.optimizer.learning_rate = 0.03
-    summary = fit(build_model(0), lambda: synthetic_dataset(batch=8), cfg, tmp_path, progress=False)
+    summary = fit(build_model(0), lambda start: synthetic_dataset(batch=8).skip(start), cfg, tmp_path, progress=False)
     log = read_log(tmp_path)
     assert [r["step"] for r in log] == [10, 20, 30, 40, 50, 60]
     first, last = log[0]["loss"], np.mean([r["loss"] for r in log[-2:]])
@@ -138,7 +138,7 @@ def test_fit_lowers_the_loss_and_writes_telemetry_and_checkpoints(tmp_path):
 def test_fit_keeps_best_checkpoint_and_stops_early(tmp_path):
     cfg = tiny_config(steps=50, eval_every=5, early_stopping_patience=2)
     scores = iter([0.2, 0.5, 0.4, 0.3, 0.9, 0.9])
-    summary = fit(build_model(0), lambda: synthetic_dataset(), cfg, tmp_path, evaluate_fn=lambda m: next(scores),
+    summary = fit(build_model(0), lambda start: synthetic_dataset().skip(start), cfg, tmp_path, evaluate_fn=lambda m: next(scores),
                   progress=False)
     assert summary["stop_reason"] == "early_stopping" and summary["step"] == 20
     best = json.loads((tmp_path / "best" / "best.json").read_text())
