@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
 from rasterio.windows import Window
 
 from pipeline.config import Config
@@ -173,7 +174,11 @@ def tile_scene(config: Config, scene_index: int, work_dir: Path, progress: Progr
     tile, bands = plan["tile_size"], plan["bands"]
     classes = list(config.classes)
     out_final = work_dir / f"scene-{scene_index:04d}"
-    with open_raster(scene["image"]) as ds:
+    # GDAL's block cache would otherwise keep every decoded block of the scene (up to 5% of RAM); strips
+    # reuse their own rows, so the cache only needs the block rows under about two strips.
+    itemsize = np.dtype(plan["dtype"]).itemsize
+    cache_mb = max(64, math.ceil(2 * (tile + 512) * scene["width"] * len(bands) * itemsize / 2**20))
+    with rasterio.Env(GDAL_CACHEMAX=cache_mb), open_raster(scene["image"]) as ds:
         info = info_from_dataset(ds, scene["image"])
         labels = read_labels(scene["labels"], info, classes, t.label_field)
         selected, counts = _select_tiles(scene, plan, config, labels)
