@@ -16,6 +16,7 @@ import pytest
 from flowkit import CLASSES, tiny_config, write_config
 
 import pipeline.data.dataset as dataset_stage
+import pipeline.evaluate.run as eval_stage
 import pipeline.geo.tiling as tiling_stage
 import pipeline.train.loop as train_stage
 from flows import training
@@ -59,16 +60,6 @@ def _fake_evaluation(config, model_dir, tiles_dir, out_dir):
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> Counter:
     """Count stage calls; real tiling and dataset check, stand-ins for training and evaluation."""
-    try:
-        import pipeline.evaluate.run as eval_stage
-    except ImportError:  # TEMP while the evaluation stage is being written
-        import sys
-        import types
-
-        eval_stage = types.ModuleType("pipeline.evaluate.run")
-        eval_stage.run_evaluation = _fake_evaluation
-        monkeypatch.setitem(sys.modules, "pipeline.evaluate.run", eval_stage)
-
     counter: Counter = Counter()
     _count(monkeypatch, tiling_stage, "tile_scene", counter)
     _count(monkeypatch, tiling_stage, "finalize_tiling", counter)
@@ -190,8 +181,6 @@ def test_pipeline_end_to_end_writes_every_stage_and_completes(prefect_api, scene
     """Every real stage with a tiny model; then a re-run is served entirely from cache."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    import pipeline.evaluate.run as eval_stage
 
     counter: Counter = Counter()
     for module, name in ((tiling_stage, "tile_scene"), (tiling_stage, "finalize_tiling"),
