@@ -56,12 +56,13 @@ def _class_ids(names: Sequence[str], classes: Sequence[str], path: Path) -> np.n
 def _vector_boxes(path: Path, info: RasterInfo, classes: Sequence[str], label_field: str
                   ) -> tuple[np.ndarray, list[str], int]:
     import pyogrio
+    import pyogrio.errors
     import shapely
     from pyproj import CRS
 
     try:
         gdf = pyogrio.read_dataframe(path)
-    except Exception as err:  # pyogrio raises several error types for unreadable files
+    except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, OSError) as err:
         raise SatdetError(f"{path}: cannot read labels ({str(err).splitlines()[0][:120]}); give a vector file "
                           "(GeoJSON, GeoPackage, Shapefile...), a pixel CSV, COCO JSON or Pascal VOC XML") from None
     if len(gdf) == 0:

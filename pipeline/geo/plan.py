@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,7 +58,7 @@ def block_edges(length: int, block: int) -> list[int]:
 
 
 def _pixels(value: float, res: float, units: str) -> int:
-    return int(round(value / res)) if units == "m" else int(value)
+    return round(value / res) if units == "m" else int(value)
 
 
 def _split_counts(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:

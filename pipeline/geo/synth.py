@@ -146,9 +146,10 @@ def make_scene(
     class_ids = np.asarray(ids, np.int64)
 
     transform = from_origin(origin[0], origin[1], resolution, resolution)
-    profile = dict(driver="GTiff", width=width, height=height, count=bands, dtype=dtype,
-                   crs=f"EPSG:{epsg}", transform=transform, tiled=True, blockxsize=256, blockysize=256,
-                   compress="deflate", predictor=2, nodata=NODATA if nodata_border else None)
+    profile = {"driver": "GTiff", "width": width, "height": height, "count": bands, "dtype": dtype,
+               "crs": f"EPSG:{epsg}", "transform": transform, "tiled": True, "blockxsize": 256,
+               "blockysize": 256, "compress": "deflate", "predictor": 2,
+               "nodata": NODATA if nodata_border else None}
     phases = rng.uniform(0, 2 * np.pi, 4)
     image_path = out_dir / f"{name}.tif"
     strip = 256

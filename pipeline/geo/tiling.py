@@ -150,7 +150,7 @@ def _strips(ds: Any, rows: list[int], tile: int, bands: list[int]):  # type: ign
 def _cut(data: np.ndarray, mask: np.ndarray | None, col: int, tile: int, fill: float
          ) -> tuple[np.ndarray, np.ndarray]:
     """(tile (H, W, C) padded to tile×tile with `fill`, valid-pixel mask (tile, tile))."""
-    c, h, w = data.shape
+    c, h, _ = data.shape
     piece = data[:, :, col:col + tile]
     pw = piece.shape[2]
     valid = np.zeros((tile, tile), bool)
@@ -281,7 +281,7 @@ def _stats(samples: np.ndarray, plan: dict[str, Any], percentiles: tuple[float, 
         "dtype": plan["dtype"], "bands": plan["bands"], "channels": plan["channels"], "nodata": plan["nodata"],
         "tile_size": plan["tile_size"], "percentiles": list(percentiles),
         "low": low.tolist(), "high": high.tolist(), "mean": mean.tolist(), "std": std.tolist(),
-        "pixels_sampled": int(len(samples)),
+        "pixels_sampled": len(samples),
     }
 
 
@@ -432,11 +432,15 @@ def summary_lines(tiles_dir: Path) -> list[str]:
     qa = json.loads((Path(tiles_dir) / "qa.json").read_text())
     t, b = qa["tiles"], qa["boxes"]
     lines = [
-        f"tiles: train {t['train']}, val {t['val']}, test {t['test']} "
-        f"(empty kept {t['empty_kept']}, empty dropped {t['empty_dropped']}, nodata skipped {t['nodata_skipped']}, "
-        f"straddling dropped {t['straddling_dropped']})",
-        f"boxes: kept {b['kept']} (clipped {b['clipped']}), dropped at edges {b['dropped']}; "
-        f"max per tile {qa['max_boxes_per_tile']}",
+        (
+            f"tiles: train {t['train']}, val {t['val']}, test {t['test']} (empty kept {t['empty_kept']}, "
+            f"empty dropped {t['empty_dropped']}, nodata skipped {t['nodata_skipped']}, "
+            f"straddling dropped {t['straddling_dropped']})"
+        ),
+        (
+            f"boxes: kept {b['kept']} (clipped {b['clipped']}), dropped at edges {b['dropped']}; "
+            f"max per tile {qa['max_boxes_per_tile']}"
+        ),
         "classes: " + ", ".join(f"{k} {v}" for k, v in qa["class_counts"].items()),
     ]
     if qa["invalid_geometries"] or qa["labels_outside_raster"]:

@@ -10,6 +10,7 @@ from shapely.geometry import LineString, Point, Polygon, box
 from pipeline.errors import SatdetError
 from pipeline.geo.labels import read_labels
 from pipeline.geo.raster import raster_info
+
 from .conftest import CLASSES, NEON
 
 

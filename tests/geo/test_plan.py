@@ -3,6 +3,7 @@ import pytest
 from pipeline.errors import SatdetError
 from pipeline.geo.plan import block_edges, plan_tiling, tile_starts, tile_windows, window_split
 from pipeline.geo.synth import make_scene
+
 from .conftest import make_config
 
 
