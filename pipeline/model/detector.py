@@ -73,8 +73,9 @@ class FasterRCNN(keras.Model):
             self.box_head = BoxHead(self.num_classes, cfg.head_dim, name="box_head")
         self.seed_generator = keras.random.SeedGenerator(cfg.seed, name="sampling_seed")
         # Create every weight now (eagerly, tiny input) so checkpoints and tf.function tracing see them.
-        self._features(tf.zeros([1, 64, 64, self.bands]), training=False)
+        self.rpn_head(self._features(tf.zeros([1, 64, 64, self.bands]), training=False))
         self.box_head.build((None, None, cfg.roi_size, cfg.roi_size, cfg.fpn_channels))
+        self.built = True
 
     # ----------------------------------------------------------------------------------- shared parts
     def _features(self, images: tf.Tensor, training: bool) -> list[tf.Tensor]:
