@@ -24,7 +24,15 @@ from pipeline.model.backbone import build_backbone
 from pipeline.model.boxes import BoxCoder, batched_nms, clip_boxes
 from pipeline.model.fpn import FPN
 from pipeline.model.roi import BoxHead, resolve_roi_align_impl, roi_align, roi_loss, sample_rois
-from pipeline.model.rpn import RPNHead, gt_valid_mask, masked_iou, match_anchors, propose, rpn_loss, sample_balanced
+from pipeline.model.rpn import (
+    RPNHead,
+    gt_valid_mask,
+    masked_iou,
+    match_anchors,
+    propose,
+    rpn_loss,
+    sample_balanced,
+)
 
 LOSS_NAMES = ("rpn_objectness", "rpn_box", "roi_class", "roi_box")
 _SIZE_DIVISOR = 32  # the coarsest backbone stride
@@ -184,4 +192,4 @@ def build_detector(model_cfg: ModelConfig, num_classes: int, bands: int) -> Fast
     return FasterRCNN(model_cfg, num_classes, bands)
 
 
-__all__ = ["FasterRCNN", "LOSS_NAMES", "build_detector"]
+__all__ = ["LOSS_NAMES", "FasterRCNN", "build_detector"]

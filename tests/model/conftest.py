@@ -8,11 +8,12 @@ from pipeline.config import ModelConfig
 
 def tiny_config(**overrides) -> ModelConfig:
     """A detector small enough for CPU tests: tiny backbone, P2-P5, narrow heads, few samples."""
-    base = dict(
-        backbone="tiny", fpn_channels=32, head_dim=128, min_level=2, max_level=5, anchor_sizes=[16, 32, 64, 128],
-        rpn_batch_per_image=128, roi_batch_per_image=64, rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=150,
-        rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100, max_detections=50,
-    )
+    base = {
+        "backbone": "tiny", "fpn_channels": 32, "head_dim": 128, "min_level": 2, "max_level": 5,
+        "anchor_sizes": [16, 32, 64, 128], "rpn_batch_per_image": 128, "roi_batch_per_image": 64,
+        "rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 150, "rpn_pre_nms_top_n_test": 300,
+        "rpn_post_nms_top_n_test": 100, "max_detections": 50,
+    }
     base.update(overrides)
     return ModelConfig(**base)
 

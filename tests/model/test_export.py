@@ -4,12 +4,11 @@ import json
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from pipeline.data.stats import normalize
 from pipeline.errors import SatdetError
 from pipeline.model.detector import build_detector
-from pipeline.model.export import load_exported, export_model
+from pipeline.model.export import export_model, load_exported
 
 STATS = {"dtype": "uint8", "bands": [1, 2, 3], "channels": 3, "nodata": None, "tile_size": 96,
          "percentiles": [1, 99], "low": [5.0, 10.0, 0.0], "high": [250.0, 240.0, 255.0],
