@@ -1,7 +1,7 @@
 """Detector throughput on this machine: training and inference img/s, plain tf.function vs XLA. Prints JSON.
 
     .venv/bin/python benchmarks/model.py                       # MobileNetV3-Large FPN from scratch, 400 px, batch 4
-    .venv/bin/python benchmarks/model.py --variants default --set fpn_channels=128 --steps 10
+    .venv/bin/python benchmarks/model.py --variant plain:fpn_channels=128 --variant plain:mixed_precision=mixed_bfloat16
 
 Synthetic data: random normalised images with 30 boxes of 15-80 px each (tree crowns at 0.1 m). The train
 step is the real pattern (GradientTape, global-norm clip, SGD) without the input pipeline.
@@ -87,31 +87,62 @@ def run(cfg: ModelConfig, jit: bool, batch: int, size: int, steps: int) -> dict:
     return result
 
 
+def calibrate(batch: int, size: int, steps: int) -> float:
+    """Backbone-only train step img/s (DESIGN.md measured 14.5 on an idle machine): a load gauge."""
+    from pipeline.model.backbone import build_backbone
+
+    backbone = build_backbone("mobilenet_v3_large", 3)
+    optimizer = tf.keras.optimizers.SGD(0.01)
+    images = tf.random.normal([batch, size, size, 3])
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(backbone(images, training=True)[-1])
+        optimizer.apply_gradients(zip(tape.gradient(loss, backbone.trainable_variables), backbone.trainable_variables))
+        return loss
+
+    return round(batch * steps / _time(step, steps), 3)
+
+
+def _parse_variant(text: str) -> tuple[dict, bool]:
+    """'plain' / 'xla', optionally followed by ':key=value,key=value' model overrides."""
+    mode, _, rest = text.partition(":")
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in rest.split(",") if item)}
+    return overrides, mode == "xla"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=400)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--modes", default="plain,xla", help="comma list of plain, xla")
-    parser.add_argument("--set", action="append", default=[], help="model config override key=value (repeatable)")
+    parser.add_argument("--variant", action="append", default=[],
+                        help="'plain' or 'xla', optionally ':key=value,...' model overrides (repeatable); "
+                        "default: plain, xla")
     args = parser.parse_args()
-    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
-    cfg = ModelConfig(backbone="mobilenet_v3_large", weights="none", **overrides)
+    variants = args.variant or ["plain", "xla"]
     out = {
         "benchmark": "model",
-        "backbone": cfg.backbone,
-        "config_overrides": overrides,
+        "backbone": "mobilenet_v3_large (weights none)",
         "image_size": args.size,
         "batch": args.batch,
         "steps_timed": args.steps,
         "cpu_count": os.cpu_count(),
-        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
-        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or "default (all cores)",
+        "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads() or "default (all cores)",
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "tensorflow": tf.__version__,
         "machine": platform.machine(),
         "gpus": len(tf.config.list_physical_devices("GPU")),
-        "results": [run(cfg, mode == "xla", args.batch, args.size, args.steps) for mode in args.modes.split(",")],
+        "backbone_only_train_img_per_s": calibrate(args.batch, args.size, args.steps),
+        "results": [],
     }
+    for text in variants:
+        overrides, jit = _parse_variant(text)
+        cfg = ModelConfig(backbone="mobilenet_v3_large", weights="none", **overrides)
+        out["results"].append({"variant": text, **run(cfg, jit, args.batch, args.size, args.steps)})
+    out["load_average_1min_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(out, indent=2))
 
 
