@@ -88,20 +88,20 @@ def sample_balanced(
     # Stateless draws from a keras SeedGenerator: XLA-friendly, and the RNG state is a model variable.
     u = keras.random.uniform(tf.shape(labels), dtype="float32", seed=seed)
     num_pos_max = int(num_samples * positive_fraction)
-    pos_key = tf.where(labels == 1, u, -1.0)
-    neg_key = tf.where(labels == 0, u, -1.0)
-    k_pos = max(min(num_pos_max, n), 1)
-    top_pos = tf.math.top_k(pos_key, k=k_pos).values  # [B, k_pos], descending
     num_pos = tf.minimum(tf.reduce_sum(tf.cast(labels == 1, tf.int32), axis=1), num_pos_max)
-    k_neg = min(num_samples, n)
-    top_neg = tf.math.top_k(neg_key, k=k_neg).values
     num_neg = tf.minimum(tf.reduce_sum(tf.cast(labels == 0, tf.int32), axis=1), num_samples - num_pos)
-    # The key of the last selected element is the threshold; keys are distinct with probability 1.
-    pos_thr = tf.gather(top_pos, tf.maximum(num_pos - 1, 0), batch_dims=1)
-    neg_thr = tf.gather(top_neg, tf.clip_by_value(num_neg - 1, 0, k_neg - 1), batch_dims=1)
-    positive = (labels == 1) & (pos_key >= pos_thr[:, None]) & (num_pos > 0)[:, None]
-    negative = (labels == 0) & (neg_key >= neg_thr[:, None]) & (num_neg > 0)[:, None]
+    positive = _take_first(tf.where(labels == 1, u, -1.0), num_pos, max(min(num_pos_max, n), 1))
+    negative = _take_first(tf.where(labels == 0, u, -1.0), num_neg, min(num_samples, n))
     return positive, negative
+
+
+def _take_first(keys: tf.Tensor, count: tf.Tensor, k: int) -> tf.Tensor:
+    """Mask [B, N] of the ``count[b]`` largest keys of each row (scattered top-k indices: exact counts)."""
+    idx = tf.math.top_k(keys, k=k).indices  # [B, k]
+    keep = tf.range(k)[None, :] < count[:, None]
+    rows = tf.broadcast_to(tf.range(tf.shape(keys)[0])[:, None], tf.shape(idx))
+    hits = tf.scatter_nd(tf.stack([rows, idx], axis=-1), tf.cast(keep, tf.int32), tf.shape(keys))
+    return hits > 0
 
 
 def rpn_loss(
