@@ -21,7 +21,7 @@ import tensorflow as tf
 from pipeline.errors import SatdetError
 from pipeline.files import atomic_write_json
 
-_ONE = dict(trainable=False, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+_ONE = {"trainable": False, "aggregation": tf.VariableAggregation.ONLY_FIRST_REPLICA}
 
 
 class RunState(tf.Module):

@@ -28,7 +28,7 @@ from pipeline.config import ClipConfig
 
 # Clip-state variables are identical on every replica (they are computed from the all-reduced gradient),
 # so under MirroredStrategy a write from the first replica is the right aggregation.
-_STATE = dict(trainable=False, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+_STATE = {"trainable": False, "aggregation": tf.VariableAggregation.ONLY_FIRST_REPLICA}
 
 
 class ClipStats(NamedTuple):
@@ -78,7 +78,9 @@ class ClipStrategy(tf.Module):
         raise NotImplementedError
 
 
-def _clip_global(grads: list[tf.Tensor], threshold: tf.Tensor, norm: tf.Tensor) -> tuple[list[tf.Tensor], tf.Tensor]:
+def _clip_global(
+    grads: list[tf.Tensor], threshold: tf.Tensor, norm: tf.Tensor
+) -> tuple[list[tf.Tensor], tf.Tensor]:
     """Scale all grads by min(1, threshold / norm) — tf.clip_by_global_norm's formula, written out because
     that op turns an infinite threshold ("do not clip") into NaN (inf * 0). Returns (grads, clipped?)."""
     threshold = tf.cast(threshold, tf.float32)

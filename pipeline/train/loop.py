@@ -39,7 +39,7 @@ from pipeline.train.schedule import build_schedule
 from pipeline.train.telemetry import Telemetry
 
 LOSS_KEYS = ("rpn_objectness", "rpn_box", "roi_class", "roi_box")
-_ONE = dict(trainable=False, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+_ONE = {"trainable": False, "aggregation": tf.VariableAggregation.ONLY_FIRST_REPLICA}
 
 
 class LossScale(tf.Module):
@@ -97,7 +97,11 @@ class TrainStep(tf.Module):
                 optimizer._all_reduce_sum_gradients = lambda grads_and_vars: list(grads_and_vars)
             else:  # pragma: no cover - depends on the Keras version
                 self._pre_divide = 1.0 / self.replicas
-        self._grads = tf.function(self._compute_grads, jit_compile=jit_compile) if self.replicas > 1 else self._compute_grads
+        self._grads = (
+            tf.function(self._compute_grads, jit_compile=jit_compile)
+            if self.replicas > 1
+            else self._compute_grads
+        )
         if self.replicas > 1:
             self._fn = tf.function(self._distributed)
         else:
@@ -131,7 +135,9 @@ class TrainStep(tf.Module):
             grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
             scalars = ctx.all_reduce(tf.distribute.ReduceOp.MEAN, [total, *losses.values()])
             total, losses = scalars[0], dict(zip(losses, scalars[1:]))
-        finite = tf.math.is_finite(total) & tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        finite = tf.math.is_finite(total) & tf.reduce_all(
+            [tf.reduce_all(tf.math.is_finite(g)) for g in grads]
+        )
         clipped, stats = self.clipper(grads, variables, total)
         if self._pre_divide != 1.0:  # pragma: no cover
             clipped = [g * self._pre_divide for g in clipped]
@@ -192,7 +198,9 @@ def make_train_step(
     jit_compile: bool = False,
 ) -> TrainStep:
     """Build the train step (see `TrainStep`). Create it inside `strategy.scope()` when distributed."""
-    return TrainStep(model, optimizer, clipper, strategy=strategy, loss_scale=loss_scale, jit_compile=jit_compile)
+    return TrainStep(
+        model, optimizer, clipper, strategy=strategy, loss_scale=loss_scale, jit_compile=jit_compile
+    )
 
 
 # ====================================================================================== the run
@@ -232,11 +240,11 @@ class _Progress:
             return
         fields = {}
         if record:
-            fields = dict(
-                loss=f"{record['loss']:.4f}" if isinstance(record.get("loss"), float) else "nan",
-                ips=f"{record['images_per_s']:.1f}" if "images_per_s" in record else "-",
-                clip=f"{record['clip_fraction_total']:.0%}",
-            )
+            fields = {
+                "loss": f"{record['loss']:.4f}" if isinstance(record.get("loss"), float) else "nan",
+                "ips": f"{record['images_per_s']:.1f}" if "images_per_s" in record else "-",
+                "clip": f"{record['clip_fraction_total']:.0%}",
+            }
         self.bar.update(self.task, completed=step, **fields)
 
     def close(self) -> None:
@@ -280,8 +288,14 @@ def fit(
         clipper = build_clipper(tcfg.clip, exempt=agc_exempt or [])
         loss_scale = LossScale() if config.model.mixed_precision == "mixed_float16" else None
         step_fn = make_train_step(
-            model, optimizer, clipper, strategy=strategy, loss_scale=loss_scale,
-            jit_compile=bool(tcfg.jit_compile) if tcfg.jit_compile is not None else bool(tf.config.list_logical_devices("GPU")),
+            model,
+            optimizer,
+            clipper,
+            strategy=strategy,
+            loss_scale=loss_scale,
+            jit_compile=bool(tcfg.jit_compile)
+            if tcfg.jit_compile is not None
+            else bool(tf.config.list_logical_devices("GPU")),
         )
     ckpt = make_checkpoint(model=model, optimizer=optimizer, clip=clipper, train_step=step_fn, state=state)
     manager = checkpoint_manager(ckpt, model_dir, tcfg.keep_checkpoints)
@@ -313,24 +327,35 @@ def fit(
             step += 1
             if step == start + 1:  # leave tracing/compilation out of the throughput numbers
                 _ = out["loss"].numpy()
-                window_t, window_steps, window_images = time.monotonic(), -1, -(batch_size or _batch_of(images))
+                window_t, window_steps, window_images = (
+                    time.monotonic(),
+                    -1,
+                    -(batch_size or _batch_of(images)),
+                )
             state.step.assign(step)
             state.data_position.assign_add(1)
             window_steps += 1
             window_images += batch_size if batch_size else _batch_of(images)
             if step % tcfg.log_every == 0 or step == tcfg.steps:
                 now = time.monotonic()
-                clipped_total, steps_total = int(step_fn.clipped_total.numpy()), int(step_fn.steps_total.numpy())
+                clipped_total, steps_total = (
+                    int(step_fn.clipped_total.numpy()),
+                    int(step_fn.steps_total.numpy()),
+                )
                 rec = {k: _to_float(v) for k, v in out.items() if k != "skipped"}
                 rec.update(
-                    lr=float(schedule(max(int(optimizer.iterations.numpy()) - 1, 0))),  # the LR of this update
+                    lr=float(
+                        schedule(max(int(optimizer.iterations.numpy()) - 1, 0))
+                    ),  # the LR of this update
                     clip_fraction=(clipped_total - last_clipped) / max(steps_total - last_steps, 1),
                     clip_fraction_total=clipped_total / max(steps_total, 1),
                     skipped_steps=int(step_fn.skipped.numpy()),
                 )
                 if window_steps > 0:  # zero only when the first step of this process is a log step
-                    rec.update(images_per_s=window_images / max(now - window_t, 1e-9),
-                               steps_per_s=window_steps / max(now - window_t, 1e-9))
+                    rec.update(
+                        images_per_s=window_images / max(now - window_t, 1e-9),
+                        steps_per_s=window_steps / max(now - window_t, 1e-9),
+                    )
                 if loss_scale is not None:
                     rec["loss_scale"] = float(loss_scale.scale.numpy())
                 record = telemetry.log(step, rec)
@@ -339,9 +364,16 @@ def fit(
                 last_clipped, last_steps = clipped_total, steps_total
             else:
                 bar.update(step)
-            if evaluate_fn is not None and tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
-                if _evaluate(evaluate_fn, model, model_dir, state, step, telemetry, tcfg.early_stopping_patience):
-                    stop_reason = "early_stopping"
+            due = (
+                evaluate_fn is not None
+                and tcfg.eval_every
+                and step % tcfg.eval_every == 0
+                and step < tcfg.steps
+            )
+            if due and _evaluate(
+                evaluate_fn, model, model_dir, state, step, telemetry, tcfg.early_stopping_patience
+            ):
+                stop_reason = "early_stopping"
             if step % tcfg.checkpoint_every == 0:
                 manager.save(checkpoint_number=step)
             if stop_reason == "early_stopping":
@@ -368,6 +400,15 @@ def fit(
     }
 
 
+def _agc_exempt_variables(model: keras.Model) -> list:
+    """The final classifier, which AGC leaves alone (NFNets): `model.agc_exempt_variables()` when the
+    detector offers it, else the ROI box head's class-score layer (`box_head.cls`)."""
+    if hasattr(model, "agc_exempt_variables"):
+        return list(model.agc_exempt_variables())
+    cls = getattr(getattr(model, "box_head", None), "cls", None)
+    return list(cls.trainable_variables) if cls is not None else []
+
+
 def build_variables(model: keras.Model, element_spec: Any) -> None:
     """Create every model variable with one eager loss computation on an all-zero batch without boxes.
 
@@ -375,7 +416,10 @@ def build_variables(model: keras.Model, element_spec: Any) -> None:
     traced step, and Keras layers may build lazily on their first call.
     """
     image_spec, target_spec = element_spec
-    zeros = lambda spec: tf.zeros([1 if d is None else d for d in spec.shape], spec.dtype)  # noqa: E731
+
+    def zeros(spec: tf.TensorSpec) -> tf.Tensor:
+        return tf.zeros([1 if d is None else d for d in spec.shape], spec.dtype)
+
     targets = {k: zeros(v) for k, v in target_spec.items() if v.dtype != tf.string}
     model.compute_losses(zeros(image_spec), targets, training=True)
 
@@ -385,7 +429,9 @@ def _batch_of(images: Any) -> int:
     return int(sum(int(tf.shape(p)[0]) for p in parts))
 
 
-def _evaluate(evaluate_fn, model, model_dir: Path, state: RunState, step: int, telemetry: Telemetry, patience: int) -> bool:
+def _evaluate(
+    evaluate_fn, model, model_dir: Path, state: RunState, step: int, telemetry: Telemetry, patience: int
+) -> bool:
     """Score validation AP50, keep the best weights; True when early stopping should end the run."""
     ap50 = float(evaluate_fn(model))
     telemetry.log(step, {"val_ap50": ap50})
@@ -414,8 +460,7 @@ def run_training(config: Config, tiles_dir: Path, model_dir: Path, resume: bool 
     strategy = choose_strategy(config.train.distribute)
     with strategy.scope():
         model = build_detector(config.model, len(config.classes), int(stats["channels"]))
-    exempt_fn = getattr(model, "agc_exempt_variables", None)
-    exempt = [str(getattr(v, "path", v.name)) for v in exempt_fn()] if exempt_fn else []
+    exempt = [str(getattr(v, "path", v.name)) for v in _agc_exempt_variables(model)]
     evaluate_fn = None
     if tile_count(tiles_dir, "val") > 0:
         val = build_dataset(tiles_dir, "val", config, training=False)

@@ -17,7 +17,9 @@ from pipeline.train.schedule import WarmupSchedule
 NO_DECAY_NAMES = ("bias", "gamma", "beta")
 
 
-def build_optimizer(cfg: OptimizerConfig, learning_rate: WarmupSchedule | float) -> keras.optimizers.Optimizer:
+def build_optimizer(
+    cfg: OptimizerConfig, learning_rate: WarmupSchedule | float
+) -> keras.optimizers.Optimizer:
     """A Keras optimizer for `cfg` driven by `learning_rate` (a schedule or a float)."""
     wd = cfg.weight_decay or None
     if cfg.name == "sgd":

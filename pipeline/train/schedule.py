@@ -33,7 +33,11 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
     ):
         self.peak, self.total_steps, self.name = float(peak), int(total_steps), name
         self.warmup_steps, self.warmup_factor = int(warmup_steps), float(warmup_factor)
-        self.milestones, self.gamma, self.final_factor = tuple(float(m) for m in milestones), float(gamma), float(final_factor)
+        self.milestones, self.gamma, self.final_factor = (
+            tuple(float(m) for m in milestones),
+            float(gamma),
+            float(final_factor),
+        )
 
     def __call__(self, step: Any) -> tf.Tensor:
         step = tf.cast(step, tf.float32)
@@ -46,24 +50,36 @@ class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
             t = tf.clip_by_value(step / max(self.total_steps, 1), 0.0, 1.0)
             decay = self.final_factor + (1.0 - self.final_factor) * 0.5 * (1.0 + tf.cos(math.pi * t))
         elif self.name == "step":
-            passed = tf.add_n([tf.cast(step >= m * self.total_steps, tf.float32) for m in self.milestones] or [0.0])
+            passed = tf.add_n(
+                [tf.cast(step >= m * self.total_steps, tf.float32) for m in self.milestones] or [0.0]
+            )
             decay = tf.pow(self.gamma, passed)
         else:
             decay = tf.constant(1.0)
         return self.peak * warm * decay
 
     def get_config(self) -> dict[str, Any]:
-        return dict(
-            peak=self.peak, total_steps=self.total_steps, name=self.name, warmup_steps=self.warmup_steps,
-            warmup_factor=self.warmup_factor, milestones=list(self.milestones), gamma=self.gamma,
-            final_factor=self.final_factor,
-        )
+        return {
+            "peak": self.peak,
+            "total_steps": self.total_steps,
+            "name": self.name,
+            "warmup_steps": self.warmup_steps,
+            "warmup_factor": self.warmup_factor,
+            "milestones": list(self.milestones),
+            "gamma": self.gamma,
+            "final_factor": self.final_factor,
+        }
 
 
 def build_schedule(cfg: ScheduleConfig, peak: float, total_steps: int) -> WarmupSchedule:
     """The schedule described by the `train.schedule` block for a run of `total_steps`."""
     return WarmupSchedule(
-        peak=peak, total_steps=total_steps, name=cfg.name, warmup_steps=cfg.warmup_steps,
-        warmup_factor=cfg.warmup_factor, milestones=tuple(cfg.step_milestones), gamma=cfg.step_gamma,
+        peak=peak,
+        total_steps=total_steps,
+        name=cfg.name,
+        warmup_steps=cfg.warmup_steps,
+        warmup_factor=cfg.warmup_factor,
+        milestones=tuple(cfg.step_milestones),
+        gamma=cfg.step_gamma,
         final_factor=cfg.final_factor,
     )

@@ -43,7 +43,9 @@ class Telemetry:
         self.model_dir = Path(model_dir)
         self.path = self.model_dir / LOG_NAME
         # Keep only records up to the step we resume from (a killed run may have logged further).
-        kept = [r for r in read_log(self.model_dir) if int(r.get("step", 0)) <= start_step] if start_step else []
+        kept = (
+            [r for r in read_log(self.model_dir) if int(r.get("step", 0)) <= start_step] if start_step else []
+        )
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = self.path.open("a")
         self._writer = tf.summary.create_file_writer(str(self.model_dir / "tensorboard"))

@@ -9,7 +9,9 @@ import tensorflow as tf
 from pipeline.evaluate.metrics import ImageBoxes, ImageDetections, coco_metrics
 
 
-def validation_ap50(model: keras.Model, dataset: tf.data.Dataset, class_names: list[str], max_dets: int = 1000) -> float:
+def validation_ap50(
+    model: keras.Model, dataset: tf.data.Dataset, class_names: list[str], max_dets: int = 1000
+) -> float:
     """COCO AP50 of `model` over a finite (images, targets) dataset; -1 when there is no ground truth."""
     gts: list[ImageBoxes] = []
     dets: list[ImageDetections] = []
@@ -21,7 +23,11 @@ def validation_ap50(model: keras.Model, dataset: tf.data.Dataset, class_names: l
         for i in range(len(nb)):
             gts.append(ImageBoxes(boxes[i, : nb[i]], labels[i, : nb[i]], image_id=str(len(gts))))
             k = int(nd[i])
-            dets.append(ImageDetections(d_boxes[i, :k], d_classes[i, :k], image_id=str(len(dets)), scores=d_scores[i, :k]))
+            dets.append(
+                ImageDetections(
+                    d_boxes[i, :k], d_classes[i, :k], image_id=str(len(dets)), scores=d_scores[i, :k]
+                )
+            )
     if not gts:
         return -1.0
     return float(coco_metrics(gts, dets, class_names, max_dets=max_dets)["AP50"])

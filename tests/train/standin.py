@@ -43,7 +43,9 @@ class TinyDetector(keras.Model):
         return {
             "rpn_objectness": tf.reduce_mean(tf.square(cls[:, 0] - count)),
             "rpn_box": tf.reduce_mean(tf.abs(box[:, :2] - first[:, :2])),
-            "roi_class": tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(has, cls, from_logits=True)),
+            "roi_class": tf.reduce_mean(
+                keras.losses.sparse_categorical_crossentropy(has, cls, from_logits=True)
+            ),
             "roi_box": tf.reduce_mean(tf.square(box[:, 2:] - first[:, 2:])),
         }
 
@@ -79,7 +81,9 @@ def synthetic_dataset(batch: int = 4, n: int = 32, seed: int = 0) -> tf.data.Dat
     return ds.shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat().batch(batch, drop_remainder=True)
 
 
-def tiny_config(steps: int = 20, clip: dict | None = None, learning_rate: float = 0.05, **train: object) -> Config:
+def tiny_config(
+    steps: int = 20, clip: dict | None = None, learning_rate: float = 0.05, **train: object
+) -> Config:
     """A Config whose train block suits the tiny stand-ins (fast, CPU, no XLA)."""
     cfg = Config()
     cfg.train.steps = steps
@@ -103,7 +107,9 @@ def resume_run(model_dir: str, resume: bool, slow_after: int = -1) -> list[np.nd
 
     from pipeline.train.loop import fit
 
-    cfg = tiny_config(steps=20, clip={"strategy": "autoclip", "percentile": 50.0, "warmup_steps": 2}, learning_rate=0.1)
+    cfg = tiny_config(
+        steps=20, clip={"strategy": "autoclip", "percentile": 50.0, "warmup_steps": 2}, learning_rate=0.1
+    )
     cfg.train.checkpoint_every = 10
 
     def hang(i):

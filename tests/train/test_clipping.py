@@ -64,10 +64,12 @@ def test_norm_clips_each_tensor_separately():
     assert bool(st.clipped)
 
 
-@pytest.mark.parametrize("loss, expected", [(0.5, 1.0 + 2.0 * 0.5), (3.0, 1.0 + 2.0 * 3.0), (100.0, 1.0 + 2.0 * 4.0)])
+@pytest.mark.parametrize(
+    "loss, expected", [(0.5, 1.0 + 2.0 * 0.5), (3.0, 1.0 + 2.0 * 3.0), (100.0, 1.0 + 2.0 * 4.0)]
+)
 def test_loss_adaptive_threshold_loosens_with_loss(loss, expected):
     clip = build_clipper(ClipConfig(strategy="loss_adaptive", base=1.0, slope=2.0, cap=4.0))
-    out, st = clip(G, V, tf.constant(loss))
+    _out, st = clip(G, V, tf.constant(loss))
     assert float(st.threshold) == pytest.approx(expected)
     assert float(st.norm_after) == pytest.approx(min(13.0, expected), rel=1e-6)
 
@@ -87,7 +89,7 @@ def test_autoclip_uses_percentile_of_history_including_current_norm():
     seen: list[float] = []
     for n in norms:
         g = [tf.constant([n, 0.0])]
-        out, st = clip(g, [tf.Variable([1.0, 1.0])], LOSS)
+        _out, st = clip(g, [tf.Variable([1.0, 1.0])], LOSS)
         seen = (seen + [n])[-4:]  # ring buffer of the last 4
         expected = float(np.percentile(seen, 25.0))
         assert float(st.threshold) == pytest.approx(expected, rel=1e-6)
@@ -157,7 +159,7 @@ def test_zclip_initialises_from_warmup_then_clips_to_mean_plus_z_std():
     assert float(clip.mean.numpy()) == pytest.approx(mean) and float(clip.var.numpy()) == pytest.approx(var)
     # a spike: clipped to mean + z·std, and the EMA is updated with the clipped norm
     thr = mean + z * np.sqrt(var)
-    out, st = clip([tf.constant([50.0])], v, LOSS)
+    _out, st = clip([tf.constant([50.0])], v, LOSS)
     assert bool(st.clipped)
     assert float(st.norm_after) == pytest.approx(thr, rel=1e-5)
     assert float(clip.mean.numpy()) == pytest.approx(alpha * mean + (1 - alpha) * thr, rel=1e-5)
@@ -178,7 +180,9 @@ def test_stateful_clippers_checkpoint_and_restore(tmp_path):
     assert int(fresh.count.numpy()) == 2
 
 
-@pytest.mark.parametrize("strategy", ["none", "global_norm", "value", "norm", "loss_adaptive", "autoclip", "agc", "zclip"])
+@pytest.mark.parametrize(
+    "strategy", ["none", "global_norm", "value", "norm", "loss_adaptive", "autoclip", "agc", "zclip"]
+)
 def test_every_strategy_runs_inside_tf_function(strategy):
     clip = build_clipper(ClipConfig(strategy=strategy, warmup_steps=0))
     variables = _vars((3, 2), (2,))

@@ -8,13 +8,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from standin import build_model, synthetic_arrays, synthetic_dataset, tiny_config
 
 from pipeline.config import ClipConfig, OptimizerConfig
 from pipeline.train.clipping import ClipStrategy, build_clipper
 from pipeline.train.loop import LOSS_KEYS, LossScale, fit, make_train_step
 from pipeline.train.optim import build_optimizer
 from pipeline.train.telemetry import read_log
-from standin import build_model, synthetic_arrays, synthetic_dataset, tiny_config
 
 
 def _batch(n=4, seed=0):
@@ -51,7 +51,9 @@ def test_global_norm_step_equals_manual_clip_by_global_norm_step():
     loss, grads = _manual_grads(ref, images, targets)
     norm = float(tf.linalg.global_norm(grads))
     clip_norm = norm / 4  # make sure clipping is active
-    step = make_train_step(model, _sgd(), build_clipper(ClipConfig(strategy="global_norm", clip_norm=clip_norm)))
+    step = make_train_step(
+        model, _sgd(), build_clipper(ClipConfig(strategy="global_norm", clip_norm=clip_norm))
+    )
     out = step(images, targets)
     ref_opt = _sgd()
     clipped, _ = tf.clip_by_global_norm(grads, clip_norm)
@@ -78,7 +80,9 @@ def test_mixed_precision_clips_unscaled_gradients():
     norm = float(tf.linalg.global_norm(grads))
     clip_norm = norm / 2  # scaled gradients (x 1024) clipped to this would give a ~1000x smaller update
     step = make_train_step(
-        model, _sgd(), build_clipper(ClipConfig(strategy="global_norm", clip_norm=clip_norm)),
+        model,
+        _sgd(),
+        build_clipper(ClipConfig(strategy="global_norm", clip_norm=clip_norm)),
         loss_scale=LossScale(initial=1024.0),
     )
     out = step(images, targets)
@@ -120,13 +124,26 @@ def test_fit_lowers_the_loss_and_writes_telemetry_and_checkpoints(tmp_path):
     cfg.train.checkpoint_every = 30
     cfg.train.optimizer.name = "adam"
     cfg.train.optimizer.learning_rate = 0.03
-    summary = fit(build_model(0), lambda start: synthetic_dataset(batch=8).skip(start), cfg, tmp_path, progress=False)
+    summary = fit(
+        build_model(0), lambda start: synthetic_dataset(batch=8).skip(start), cfg, tmp_path, progress=False
+    )
     log = read_log(tmp_path)
     assert [r["step"] for r in log] == [10, 20, 30, 40, 50, 60]
     first, last = log[0]["loss"], np.mean([r["loss"] for r in log[-2:]])
     assert last < 0.8 * first
-    for key in ("loss", *LOSS_KEYS, "lr", "grad_norm_before", "grad_norm_after", "clipped", "clip_fraction",
-                "clip_fraction_total", "skipped_steps", "images_per_s", "clip_threshold"):
+    for key in (
+        "loss",
+        *LOSS_KEYS,
+        "lr",
+        "grad_norm_before",
+        "grad_norm_after",
+        "clipped",
+        "clip_fraction",
+        "clip_fraction_total",
+        "skipped_steps",
+        "images_per_s",
+        "clip_threshold",
+    ):
         assert key in log[-1], key
     assert summary["step"] == 60 and summary["skipped_steps"] == 0
     ckpts = tf.train.get_checkpoint_state(str(tmp_path / "checkpoints")).all_model_checkpoint_paths
@@ -138,8 +155,14 @@ def test_fit_lowers_the_loss_and_writes_telemetry_and_checkpoints(tmp_path):
 def test_fit_keeps_best_checkpoint_and_stops_early(tmp_path):
     cfg = tiny_config(steps=50, eval_every=5, early_stopping_patience=2)
     scores = iter([0.2, 0.5, 0.4, 0.3, 0.9, 0.9])
-    summary = fit(build_model(0), lambda start: synthetic_dataset().skip(start), cfg, tmp_path, evaluate_fn=lambda m: next(scores),
-                  progress=False)
+    summary = fit(
+        build_model(0),
+        lambda start: synthetic_dataset().skip(start),
+        cfg,
+        tmp_path,
+        evaluate_fn=lambda m: next(scores),
+        progress=False,
+    )
     assert summary["stop_reason"] == "early_stopping" and summary["step"] == 20
     best = json.loads((tmp_path / "best" / "best.json").read_text())
     assert best == {"step": 10, "ap50": 0.5}

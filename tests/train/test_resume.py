@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from standin import resume_run
 
 from pipeline.train.telemetry import read_log
-from standin import resume_run
 
 HERE = Path(__file__).parent
 
@@ -30,12 +30,15 @@ def _run(model_dir: Path, resume: bool, slow_after: int) -> subprocess.Popen:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(HERE.parents[1]))
     return subprocess.Popen(
         [sys.executable, "-c", SCRIPT, str(HERE), str(model_dir), "1" if resume else "0", str(slow_after)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
 def _finish(proc: subprocess.Popen) -> None:
-    out, err = proc.communicate(timeout=300)
+    _out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
 
 
