@@ -465,11 +465,12 @@ def run_training(config: Config, tiles_dir: Path, model_dir: Path, resume: bool 
     if tile_count(tiles_dir, "val") > 0:
         val = build_dataset(tiles_dir, "val", config, training=False)
         classes, max_dets = list(config.classes), config.evaluate.max_dets
+        from pipeline.train.validation import make_predict_fn, validation_ap50
+
+        predict_fn = make_predict_fn(model)
 
         def evaluate_fn(m: keras.Model) -> float:
-            from pipeline.train.validation import validation_ap50
-
-            return validation_ap50(m, val, classes, max_dets)
+            return validation_ap50(m, val, classes, max_dets, predict_fn=predict_fn)
 
     summary = fit(
         model,

@@ -3,20 +3,33 @@ pipeline.evaluate.metrics (pycocotools) — the number used for the best checkpo
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import keras
 import tensorflow as tf
 
 from pipeline.evaluate.metrics import ImageBoxes, ImageDetections, coco_metrics
 
 
+def make_predict_fn(model: keras.Model) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+    """Inference as a tf.function (traced once per batch shape: full batches and the last, smaller one)."""
+    return tf.function(lambda images: model(images, training=False), reduce_retracing=True)
+
+
 def validation_ap50(
-    model: keras.Model, dataset: tf.data.Dataset, class_names: list[str], max_dets: int = 1000
+    model: keras.Model,
+    dataset: tf.data.Dataset,
+    class_names: list[str],
+    max_dets: int = 1000,
+    predict_fn: Callable[[tf.Tensor], dict[str, tf.Tensor]] | None = None,
 ) -> float:
-    """COCO AP50 of `model` over a finite (images, targets) dataset; -1 when there is no ground truth."""
+    """COCO AP50 of `model` over a finite (images, targets) dataset; -1 when there is no ground truth.
+
+    `predict_fn` (from `make_predict_fn`) avoids re-tracing at every validation; default: eager calls."""
     gts: list[ImageBoxes] = []
     dets: list[ImageDetections] = []
     for images, targets in dataset:
-        out = model(images, training=False)
+        out = predict_fn(images) if predict_fn is not None else model(images, training=False)
         boxes, labels, nb = targets["boxes"].numpy(), targets["labels"].numpy(), targets["num_boxes"].numpy()
         d_boxes, d_scores = out["boxes"].numpy(), out["scores"].numpy()
         d_classes, nd = out["classes"].numpy(), out["num_detections"].numpy()
