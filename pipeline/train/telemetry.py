@@ -21,10 +21,9 @@ LOG_NAME = "train_log.jsonl"
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, bool):
-        return value
+    """JSON has no NaN/inf: a non-finite number (a NaN loss, an inactive threshold) is written as null."""
     if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        return None
     return value
 
 
