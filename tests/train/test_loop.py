@@ -167,3 +167,15 @@ def test_fit_keeps_best_checkpoint_and_stops_early(tmp_path):
     best = json.loads((tmp_path / "best" / "best.json").read_text())
     assert best == {"step": 10, "ap50": 0.5}
     assert (tmp_path / "best" / "model.weights.h5").exists()
+
+
+def test_xla_step_matches_the_plain_step():
+    images, targets = _batch()
+    plain, jitted = build_model(0), build_model(0)
+    cfg = ClipConfig(strategy="global_norm", clip_norm=0.01)
+    out_a = make_train_step(plain, _sgd(), build_clipper(cfg))(images, targets)
+    out_b = make_train_step(jitted, _sgd(), build_clipper(cfg), jit_compile=True)(images, targets)
+    assert float(out_b["grad_norm_before"]) == pytest.approx(float(out_a["grad_norm_before"]), rel=1e-4)
+    assert bool(out_b["clipped"])
+    for a, b in zip(plain.trainable_variables, jitted.trainable_variables):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)

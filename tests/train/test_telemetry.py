@@ -11,7 +11,9 @@ def test_non_finite_values_are_logged_as_null_and_tensorboard_gets_events(tmp_pa
     t = Telemetry(tmp_path)
     t.log(1, {"loss": math.nan, "clip_threshold": math.inf, "clipped": True, "lr": 0.01})
     t.close()
-    assert read_log(tmp_path) == [{"step": 1, "loss": None, "clip_threshold": None, "clipped": True, "lr": 0.01}]
+    assert read_log(tmp_path) == [
+        {"step": 1, "loss": None, "clip_threshold": None, "clipped": True, "lr": 0.01}
+    ]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
