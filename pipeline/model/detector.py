@@ -80,6 +80,8 @@ class FasterRCNN(keras.Model):
             self.rpn_head = RPNHead(cfg.fpn_channels, self.num_anchors, name="rpn_head")
             self.box_head = BoxHead(self.num_classes, cfg.head_dim, name="box_head")
         self.seed_generator = keras.random.SeedGenerator(cfg.seed, name="sampling_seed")
+        # A SeedGenerator is not a TF trackable: expose its state so tf.train.Checkpoint saves the RNG too.
+        self.sampling_rng_state = self.seed_generator.state
         # Create every weight now (eagerly, tiny input) so checkpoints and tf.function tracing see them.
         self.rpn_head(self._features(tf.zeros([1, 64, 64, self.bands]), training=False))
         self.box_head.build((None, None, cfg.roi_size, cfg.roi_size, cfg.fpn_channels))

@@ -24,25 +24,22 @@ class FPN(keras.layers.Layer):
         self.extra_levels = extra_levels
         # torchvision initialises FPN convs with kaiming_uniform(a=1) = uniform variance 1/fan_in.
         init = keras.initializers.VarianceScaling(1.0, "fan_in", "uniform")
-        self.lateral = [
-            keras.layers.Conv2D(channels, 1, kernel_initializer=init, dtype=self.dtype_policy, name=f"lateral_{i}")
-            for i in range(num_inputs)
-        ]
-        self.output_convs = [
-            keras.layers.Conv2D(channels, 3, padding="same", kernel_initializer=init, dtype=self.dtype_policy,
-                                name=f"output_{i}")
-            for i in range(num_inputs)
-        ]
+        # Plain attributes rather than lists: tf.train.Checkpoint does not follow keras' tracked lists.
+        for i in range(num_inputs):
+            setattr(self, f"lateral_{i}", keras.layers.Conv2D(channels, 1, kernel_initializer=init,
+                                                              dtype=self.dtype_policy, name=f"lateral_{i}"))
+            setattr(self, f"output_{i}", keras.layers.Conv2D(channels, 3, padding="same", kernel_initializer=init,
+                                                             dtype=self.dtype_policy, name=f"output_{i}"))
 
     def call(self, features: list[tf.Tensor]) -> list[tf.Tensor]:
-        laterals = [conv(f) for conv, f in zip(self.lateral, features)]
+        laterals = [getattr(self, f"lateral_{i}")(f) for i, f in enumerate(features)]
         merged = [laterals[-1]]
         for lateral in reversed(laterals[:-1]):
             up = tf.repeat(tf.repeat(merged[0], 2, axis=1), 2, axis=2)
             # Inputs are padded to a multiple of 32, so 2x upsampling matches exactly; crop keeps odd sizes safe.
             up = up[:, : lateral.shape[1], : lateral.shape[2]]
             merged.insert(0, lateral + up)
-        outs = [conv(m) for conv, m in zip(self.output_convs, merged)]
+        outs = [getattr(self, f"output_{i}")(m) for i, m in enumerate(merged)]
         for _ in range(self.extra_levels):
             outs.append(outs[-1][:, ::2, ::2])
         return outs

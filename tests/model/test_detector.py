@@ -95,3 +95,19 @@ def test_unknown_weights_file_is_a_user_error(make_config):
 
     with pytest.raises(SatdetError, match="weights file not found"):
         build_detector(make_config(backbone="mobilenet_v3_large", weights="/nonexistent/w.h5"), 1, 3)
+
+
+def test_tf_checkpoint_restores_weights_and_the_sampling_rng(tmp_path, make_config):
+    from pipeline.model.rpn import sample_balanced
+
+    model = build_detector(make_config(seed=7), num_classes=2, bands=3)
+    labels = tf.constant(np.random.default_rng(0).integers(-1, 2, (2, 500)), tf.int32)
+    sample_balanced(labels, 64, 0.5, model.seed_generator)  # advance the RNG before saving
+    path = tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
+    clone = build_detector(make_config(seed=123), num_classes=2, bands=3)
+    tf.train.Checkpoint(model=clone).read(path).assert_existing_objects_matched()
+    for a, b in zip(model.weights, clone.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    want = sample_balanced(labels, 64, 0.5, model.seed_generator)
+    got = sample_balanced(labels, 64, 0.5, clone.seed_generator)
+    assert all(np.array_equal(w.numpy(), g.numpy()) for w, g in zip(want, got))
