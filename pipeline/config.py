@@ -224,6 +224,12 @@ class TrainConfig(_Section):
     eval_every: int = Field(0, ge=0, description="Validation AP50 interval in steps (0 = only at the end).")
     early_stopping_patience: int = Field(0, ge=0, description="Stop after this many evals without improvement (0 = off).")
     keep_checkpoints: int = Field(3, gt=0, description="Checkpoints kept.")
+    max_consecutive_skips: int = Field(
+        0,
+        ge=0,
+        description="Stop the run (stop_reason 'diverged') after this many consecutive steps skipped for a "
+        "non-finite loss/gradient; 0 = never stop (skipped steps are only counted).",
+    )
 
 
 # --------------------------------------------------------------------------------------------- evaluate / predict

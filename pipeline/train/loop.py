@@ -314,7 +314,7 @@ def fit(
     t_start = time.monotonic()
     window_t, window_steps, window_images = time.monotonic(), 0, 0
     last_clipped, last_steps = int(step_fn.clipped_total.numpy()), int(step_fn.steps_total.numpy())
-    stop_reason, step, out = "steps", start, None
+    stop_reason, step, out, consecutive_skips = "steps", start, None, 0
     try:
         while step < tcfg.steps:
             try:
@@ -334,9 +334,13 @@ def fit(
                 )
             state.step.assign(step)
             state.data_position.assign_add(1)
+            if tcfg.max_consecutive_skips:  # reading the flag syncs with the device, so only when asked
+                consecutive_skips = consecutive_skips + 1 if bool(out["skipped"]) else 0
+                if consecutive_skips >= tcfg.max_consecutive_skips:
+                    stop_reason = "diverged"
             window_steps += 1
             window_images += batch_size if batch_size else _batch_of(images)
-            if step % tcfg.log_every == 0 or step == tcfg.steps:
+            if step % tcfg.log_every == 0 or step == tcfg.steps or stop_reason == "diverged":
                 now = time.monotonic()
                 clipped_total, steps_total = (
                     int(step_fn.clipped_total.numpy()),
@@ -376,7 +380,7 @@ def fit(
                 stop_reason = "early_stopping"
             if step % tcfg.checkpoint_every == 0:
                 manager.save(checkpoint_number=step)
-            if stop_reason == "early_stopping":
+            if stop_reason in ("early_stopping", "diverged"):
                 break
             if tcfg.time_budget_minutes and (time.monotonic() - t_start) > tcfg.time_budget_minutes * 60:
                 stop_reason = "time_budget"

@@ -179,3 +179,18 @@ def test_xla_step_matches_the_plain_step():
     assert bool(out_b["clipped"])
     for a, b in zip(plain.trainable_variables, jitted.trainable_variables):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_fit_stops_as_diverged_after_consecutive_non_finite_steps(tmp_path):
+    cfg = tiny_config(steps=50, max_consecutive_skips=3)
+
+    def poisoned(start):  # every batch carries a NaN pixel: every step is skipped
+        return synthetic_dataset().map(lambda x, y: (x * np.float32("nan"), y)).skip(start)
+
+    model = build_model(0)
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    summary = fit(model, poisoned, cfg, tmp_path, progress=False)
+    assert summary["stop_reason"] == "diverged" and summary["step"] == 3 and summary["skipped_steps"] == 3
+    for a, b in zip(model.trainable_variables, before):
+        np.testing.assert_array_equal(a.numpy(), b)
+    assert read_log(tmp_path)[-1]["step"] == 3
