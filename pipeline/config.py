@@ -75,6 +75,11 @@ class TilingConfig(_Section):
     stats_max_pixels: int = Field(
         200_000, gt=0, description="Pixels sampled per scene from training tiles for stats.json (bounded memory)."
     )
+    encoding: Literal["raw", "png"] = Field(
+        "raw",
+        description="How tile pixels are stored in the TFRecords: 'raw' little-endian bytes (fastest to write and "
+        "read) or 'png' (lossless, smaller shards, slower; uint8/uint16 tiles with 1/3/4 bands, others stay raw).",
+    )
 
     @model_validator(mode="after")
     def _overlap_below_tile(self) -> TilingConfig:

@@ -1,24 +1,35 @@
 """The TFRecord schema of one tile, in one place: `encode_tile` (used by tiling) and `parse_tile` (tf.data).
 
 Features:
-  image/encoded   PNG for uint8 images with 1, 3 or 4 bands; raw little-endian bytes (H, W, C) otherwise
-  image/format    b"png" or b"raw"
+  image/encoded   raw little-endian bytes (H, W, C) row-major (default), or PNG (uint8/uint16 with 1, 3 or 4
+                  bands, when tiling.encoding is "png")
+  image/format    b"raw" or b"png" — decoders look at it per record, so a folder may mix both
   image/height, image/width, image/channels   int64
   image/dtype     numpy dtype name of the source pixels (b"uint8", b"uint16", b"float32", ...)
   boxes           float32 x0, y0, x1, y1 in tile pixels (pixel edges at integers), flattened
   labels          int64, 1-based class ids (0 is background)
   tile/id, tile/scene   bytes
+
+Writing needs no TensorFlow: `encode_tile` writes the tf.train.Example protobuf wire format directly and
+`RecordWriter` frames records as TFRecord (length, masked CRC-32C of the length, data, masked CRC-32C of
+the data). Importing TensorFlow costs 5–10 s per process; the tiling stage and its worker processes
+never pay it. Reading (`parse_tile`, `decode_tile_numpy`) uses TensorFlow.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, BinaryIO, Literal, Self
 
 import numpy as np
 
 from pipeline.errors import SatdetError
 
-PNG_DTYPES = {"uint8"}
+Encoding = Literal["raw", "png"]
+ENCODINGS = ("raw", "png")
+PNG_DTYPES = {"uint8", "uint16"}
 PNG_CHANNELS = {1, 3, 4}
 # prefix of in-graph assertion messages, so pipeline.data.dataset can turn them into one-line SatdetErrors
 ERROR_TAG = "SATDET: "
@@ -26,29 +37,64 @@ ERROR_TAG = "SATDET: "
 RAW_DTYPES = ("uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64")
 
 
-def uses_png(dtype: str, channels: int) -> bool:
-    """Whether tiles of this dtype/band count are stored as PNG (else raw little-endian bytes)."""
+def png_capable(dtype: str, channels: int) -> bool:
+    """Whether PNG can hold tiles of this dtype/band count (else they are stored raw whatever the setting)."""
     return dtype in PNG_DTYPES and channels in PNG_CHANNELS
 
 
-def _bytes(v: bytes) -> Any:
-    import tensorflow as tf
-
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
-
-
-def _int64(values: Any) -> Any:
-    import tensorflow as tf
-
-    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(x) for x in np.ravel(values)]))
+def uses_png(dtype: str, channels: int, encoding: str = "raw") -> bool:
+    """Whether a tile of this dtype/band count is stored as PNG under `encoding`."""
+    return encoding == "png" and png_capable(dtype, channels)
 
 
-def _float(values: Any) -> Any:
-    import tensorflow as tf
+# ------------------------------------------------------------------------------- protobuf wire format
+# tf.train.Example { Features features = 1 }; Features { map<string, Feature> feature = 1 };
+# Feature { oneof: BytesList bytes_list = 1; FloatList float_list = 2; Int64List int64_list = 3 };
+# each list is `repeated <type> value = 1` (numbers packed). Length-delimited fields are tag, length, payload.
+def _varint(n: int) -> bytes:
+    n &= (1 << 64) - 1  # negative int64 as two's complement, like protobuf
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
-    return tf.train.Feature(float_list=tf.train.FloatList(value=np.ravel(values).astype(np.float32).tolist()))
+
+def _field(number: int, payload_len: int) -> bytes:
+    """Tag and length of a length-delimited field."""
+    return _varint(number << 3 | 2) + _varint(payload_len)
 
 
+def _bytes_feature(value: bytes) -> list[bytes]:
+    inner = [_field(1, len(value)), value]  # BytesList.value
+    n = sum(map(len, inner))
+    return [_field(1, n), *inner]  # Feature.bytes_list
+
+
+def _float_feature(values: np.ndarray) -> list[bytes]:
+    data = np.ascontiguousarray(values, dtype="<f4").tobytes()
+    inner = [_field(1, len(data)), data] if data else []
+    return [_field(2, sum(map(len, inner))), *inner]
+
+
+def _int64_feature(values: Sequence[int]) -> list[bytes]:
+    data = b"".join(_varint(int(v)) for v in values)
+    inner = [_field(1, len(data)), data] if data else []
+    return [_field(3, sum(map(len, inner))), *inner]
+
+
+def _example(features: dict[str, list[bytes]]) -> list[bytes]:
+    """Chunks of a serialised tf.train.Example (joined, they are the record; the big image stays one chunk)."""
+    body: list[bytes] = []
+    for key, value in features.items():
+        k = key.encode()
+        entry = [_field(1, len(k)), k, _field(2, sum(map(len, value))), *value]  # map entry {key, value}
+        body += [_field(1, sum(map(len, entry))), *entry]  # Features.feature
+    return [_field(1, sum(map(len, body))), *body]  # Example.features
+
+
+# ------------------------------------------------------------------------------- encoding
 def _png(image: np.ndarray) -> bytes:
     import cv2
 
@@ -63,15 +109,16 @@ def _png(image: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def encode_tile(
-    image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, tile_id: str, scene: str
-) -> bytes:
-    """Serialise one tile. `image` is (H, W, C) of any numeric dtype; boxes (N, 4) xyxy; labels (N,)."""
-    import tensorflow as tf
-
+def encode_tile_chunks(
+    image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, tile_id: str, scene: str,
+    encoding: Encoding = "raw",
+) -> list[bytes]:
+    """`encode_tile` as a list of byte chunks (no copy of the image into one big string)."""
     image = np.asarray(image)
     if image.ndim != 3 or 0 in image.shape:
         raise ValueError(f"tile {tile_id}: image must be (H, W, C), got shape {image.shape}")
+    if encoding not in ENCODINGS:
+        raise ValueError(f"tile {tile_id}: encoding must be one of {ENCODINGS}, got {encoding!r}")
     h, w, c = image.shape
     dtype = image.dtype.name
     if dtype not in RAW_DTYPES:
@@ -79,10 +126,6 @@ def encode_tile(
             f"tile {tile_id}: pixel dtype {dtype} cannot be stored in a TFRecord tile; "
             f"convert the imagery to one of {', '.join(RAW_DTYPES)}"
         )
-    if uses_png(dtype, c):
-        encoded, fmt = _png(image), b"png"
-    else:
-        encoded, fmt = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("<")).tobytes(), b"raw"
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     labels = np.asarray(labels, np.int64).reshape(-1)
     if len(boxes) != len(labels):
@@ -91,21 +134,71 @@ def encode_tile(
         raise ValueError(f"tile {tile_id}: boxes contain NaN or inf")
     if (labels < 1).any():
         raise ValueError(f"tile {tile_id}: labels must be 1-based class ids (0 is background), got {labels.min()}")
-    feature = {
-        "image/encoded": _bytes(encoded),
-        "image/format": _bytes(fmt),
-        "image/height": _int64([h]),
-        "image/width": _int64([w]),
-        "image/channels": _int64([c]),
-        "image/dtype": _bytes(dtype.encode()),
-        "boxes": _float(boxes),
-        "labels": _int64(labels),
-        "tile/id": _bytes(tile_id.encode()),
-        "tile/scene": _bytes(scene.encode()),
-    }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    if uses_png(dtype, c, encoding):
+        encoded, fmt = _png(image), b"png"
+    else:  # tobytes copies a strided view into C order once; byte-swap only for big-endian input
+        encoded, fmt = image.astype(image.dtype.newbyteorder("<"), copy=False).tobytes(), b"raw"
+    return _example({
+        "image/encoded": _bytes_feature(encoded),
+        "image/format": _bytes_feature(fmt),
+        "image/height": _int64_feature([h]),
+        "image/width": _int64_feature([w]),
+        "image/channels": _int64_feature([c]),
+        "image/dtype": _bytes_feature(dtype.encode()),
+        "boxes": _float_feature(boxes),
+        "labels": _int64_feature(labels.tolist()),
+        "tile/id": _bytes_feature(tile_id.encode()),
+        "tile/scene": _bytes_feature(scene.encode()),
+    })
 
 
+def encode_tile(
+    image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, tile_id: str, scene: str,
+    encoding: Encoding = "raw",
+) -> bytes:
+    """Serialise one tile (a tf.train.Example). `image` is (H, W, C) of any numeric dtype; boxes (N, 4) xyxy;
+    labels (N,). encoding "raw" (default) stores little-endian bytes; "png" stores uint8/uint16 tiles with
+    1/3/4 bands as PNG (level 1) and everything else raw."""
+    return b"".join(encode_tile_chunks(image, boxes, labels, tile_id, scene, encoding))
+
+
+# ------------------------------------------------------------------------------- TFRecord framing
+def _masked_crc(chunks: Sequence[bytes]) -> bytes:
+    import google_crc32c
+
+    crc = 0
+    for chunk in chunks:
+        crc = google_crc32c.extend(crc, chunk)
+    return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+
+class RecordWriter:
+    """Append records to a TFRecord file (uncompressed), readable by tf.data.TFRecordDataset."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._fh: BinaryIO = open(self.path, "wb")  # noqa: SIM115 (closed by close / the context manager)
+
+    def write(self, record: bytes | Sequence[bytes]) -> None:
+        """Write one record, given whole or as chunks (e.g. from `encode_tile_chunks`)."""
+        chunks = [record] if isinstance(record, bytes) else list(record)
+        length = struct.pack("<Q", sum(map(len, chunks)))
+        self._fh.write(length + _masked_crc([length]))
+        for chunk in chunks:
+            self._fh.write(chunk)
+        self._fh.write(_masked_crc(chunks))
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------- reading
 def feature_spec() -> dict[str, Any]:
     """The parsing spec for `tf.io.parse_single_example`."""
     import tensorflow as tf
@@ -127,30 +220,40 @@ def feature_spec() -> dict[str, Any]:
 def parse_tile(serialized: Any, dtype: str, channels: int) -> dict[str, Any]:
     """Parse one serialised tile into tensors: image (H, W, C) of `dtype`, boxes (N, 4), labels (N,), id, scene.
 
-    `dtype` and `channels` come from stats.json (every tile of a tiling run shares them), so the decode
-    branch is chosen in Python and the image gets a static channel count. A tile whose own dtype or
-    band count differs fails an assertion that names the tile id (not an opaque reshape error).
+    `dtype` and `channels` come from stats.json (every tile of a tiling run shares them) and give the
+    image a static dtype and channel count. The decoder is picked per record from `image/format` (raw or
+    PNG), so shards written with either `tiling.encoding` read the same. A tile whose own dtype, band count
+    or format does not fit fails an assertion that names the tile id (not an opaque reshape error).
     """
     import tensorflow as tf
 
     ex = tf.io.parse_single_example(serialized, feature_spec())
     h = tf.cast(ex["image/height"], tf.int32)
     w = tf.cast(ex["image/width"], tf.int32)
-    same_kind = tf.logical_and(
-        tf.equal(ex["image/dtype"], dtype), tf.equal(ex["image/channels"], tf.constant(channels, tf.int64))
-    )
+    fmt = ex["image/format"]
+    is_png = tf.equal(fmt, b"png")
+    known = tf.logical_or(tf.equal(fmt, b"raw"), is_png) if png_capable(dtype, channels) else tf.equal(fmt, b"raw")
+    ok = tf.reduce_all([
+        tf.equal(ex["image/dtype"], dtype), tf.equal(ex["image/channels"], tf.constant(channels, tf.int64)), known,
+    ])
     message = tf.strings.format(
-        ERROR_TAG + "tile {} has dtype {} with {} bands but stats.json says " + f"{dtype} with {channels} bands",
-        (ex["tile/id"], ex["image/dtype"], ex["image/channels"]),
+        ERROR_TAG + "tile {} has dtype {} with {} bands but stats.json says " + f"{dtype} with {channels} bands"
+        + " (tile format {}; readable here: " + ("raw, png)" if png_capable(dtype, channels) else "raw)"),
+        (ex["tile/id"], ex["image/dtype"], ex["image/channels"], fmt),
     )
-    check = tf.debugging.Assert(same_kind, [message])
+    check = tf.debugging.Assert(ok, [message])
     with tf.control_dependencies([check]):
         encoded = tf.identity(ex["image/encoded"])
-    if uses_png(dtype, channels):
-        image = tf.io.decode_png(encoded, channels=channels, dtype=tf.uint8)
+    tf_dtype = tf.dtypes.as_dtype(np.dtype(dtype))
+
+    def raw() -> Any:
+        image = tf.io.decode_raw(encoded, tf_dtype, little_endian=True)
+        return tf.reshape(image, tf.stack([h, w, channels]))
+
+    if png_capable(dtype, channels):
+        image = tf.cond(is_png, lambda: tf.io.decode_png(encoded, channels=channels, dtype=tf_dtype), raw)
     else:
-        image = tf.io.decode_raw(encoded, tf.dtypes.as_dtype(np.dtype(dtype)), little_endian=True)
-        image = tf.reshape(image, tf.stack([h, w, channels]))
+        image = raw()
     image.set_shape([None, None, channels])
     boxes = tf.reshape(tf.sparse.to_dense(ex["boxes"]), [-1, 4])
     labels = tf.cast(tf.sparse.to_dense(ex["labels"]), tf.int32)
@@ -177,9 +280,9 @@ def decode_tile_numpy(serialized: bytes) -> dict[str, Any]:
         elif c == 4:
             img = img[:, :, [2, 1, 0, 3]]
     else:
-        img = np.frombuffer(data, np.dtype(dtype).newbyteorder("<")).reshape(h, w, c).astype(dtype)
+        img = np.frombuffer(data, np.dtype(dtype).newbyteorder("<")).reshape(h, w, c)
     return {
-        "image": np.ascontiguousarray(img),
+        "image": np.ascontiguousarray(img, dtype=dtype),
         "boxes": np.asarray(f["boxes"].float_list.value, np.float32).reshape(-1, 4),
         "labels": np.asarray(f["labels"].int64_list.value, np.int64),
         "id": f["tile/id"].bytes_list.value[0].decode(),

@@ -4,10 +4,11 @@
     tile_scene(config, scene_index, work_dir) -> Path    one scene (a Prefect task can map over these)
     finalize_tiling(config, scene_outputs, out_dir)      merge scene outputs into the tiles dir
 
-A scene is read in row strips one tile high (rasterio windowed reads; the rows shared with the previous
-strip are reused, so every pixel is read once), tiles are cut from the strip, PNG/raw-encoded on a few
-threads while the next strip is read, and appended to per-split TFRecord parts. Memory is bounded by a
-couple of strips, whatever the scene size. Everything is written into temporary folders that replace
+A scene is read in row strips one tile high (rasterio windowed reads into pixel-interleaved buffers; the
+rows shared with the previous strip are reused, so every pixel is decoded once) on a reader thread that
+stays one strip ahead; tiles are cut from the strip, stored as raw bytes (or PNG, `tiling.encoding`) and
+appended to per-split TFRecord parts — without TensorFlow. Memory is bounded by a couple of strips,
+whatever the scene size. Everything is written into temporary folders that replace
 the output only when complete, so a failure leaves no partial output.
 """
 
@@ -20,7 +21,7 @@ import multiprocessing
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ import rasterio
 from rasterio.windows import Window
 
 from pipeline.config import Config
+from pipeline.data.records import RecordWriter, encode_tile_chunks, png_capable
 from pipeline.errors import SatdetError
 from pipeline.files import atomic_dir, atomic_write_json, atomic_write_text
 from pipeline.geo.edges import EdgePolicy
@@ -62,20 +64,18 @@ class _ShardWriter:
 
     def __init__(self, folder: Path, shard_size: int) -> None:
         self.folder, self.shard_size = folder, shard_size
-        self.writers: dict[str, Any] = {}
+        self.writers: dict[str, RecordWriter] = {}
         self.counts: dict[str, int] = {}
         self.parts: dict[str, list[str]] = {s: [] for s in SPLITS}
 
-    def write(self, split: str, record: bytes) -> str:
-        import tensorflow as tf
-
+    def write(self, split: str, record: list[bytes]) -> str:
         n = self.counts.get(split, 0)
         if n % self.shard_size == 0:
             if split in self.writers:
                 self.writers[split].close()
             name = f"{split}-{len(self.parts[split]):05d}.tfrecord"
             self.parts[split].append(name)
-            self.writers[split] = tf.io.TFRecordWriter(str(self.folder / name))
+            self.writers[split] = RecordWriter(self.folder / name)
         self.writers[split].write(record)
         self.counts[split] = n + 1
         return self.parts[split][-1]
@@ -129,44 +129,64 @@ def _select_tiles(scene: dict[str, Any], plan: dict[str, Any], config: Config, l
     return selected, counts
 
 
-def _strips(ds: Any, rows: list[int], tile: int, bands: list[int]):  # type: ignore[no-untyped-def]
-    """Yield (row_off, data (C, h, W), nodata mask (h, W) | None) for each strip, reading each row once."""
-    buf: np.ndarray | None = None
-    buf_r0 = 0
-    for r in rows:
-        r1 = min(r + tile, ds.height)
-        if buf is not None and buf_r0 <= r < buf_r0 + buf.shape[1]:
-            keep = buf[:, r - buf_r0:]
-            start = buf_r0 + buf.shape[1]
-        else:
-            keep, start = None, r
-        fresh = ds.read(bands, window=Window(0, start, ds.width, r1 - start)) if r1 > start else None
-        parts = [p for p in (keep, fresh) if p is not None]
-        data = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
-        buf, buf_r0 = data, r
-        yield r, data, nodata_mask(ds, data, Window(0, r, ds.width, r1 - r), bands)
+Strip = tuple[int, np.ndarray, "np.ndarray | None"]
+
+
+def _strips(ds: Any, rows: list[int], tile: int, bands: list[int], dtype: str) -> Iterator[Strip]:
+    """Yield (row_off, data (h, W, C), nodata mask (h, W) | None) for each strip of rows `rows[k]..+tile`.
+
+    Strips are read into two alternating pixel-interleaved buffers (the GeoTIFF's usual layout, so a tile
+    is a cheap row-by-row copy rather than a band transpose), one strip ahead on a thread: GDAL decodes
+    the next strip (without the GIL) while the caller writes this one's tiles. Rows shared with the
+    previous strip are copied, not read again, so every pixel is decoded once. A yielded strip stays
+    valid until the generator is advanced twice; the caller is done with it after one.
+    """
+    width, height = ds.width, ds.height
+    bufs = [np.empty((min(tile, height), width, len(bands)), dtype) for _ in range(2)]
+
+    def read(k: int, prev: Strip | None) -> Strip:
+        r = rows[k]
+        h = min(r + tile, height) - r
+        buf = bufs[k % 2]
+        start = r
+        if prev is not None and prev[0] <= r < prev[0] + len(prev[1]):
+            keep = min(prev[0] + len(prev[1]) - r, h)
+            buf[:keep] = prev[1][r - prev[0]:r - prev[0] + keep]
+            start = r + keep
+        if start < r + h:  # rasterio fills a (C, h, W) view of the (h, W, C) buffer in place
+            ds.read(bands, window=Window(0, start, width, r + h - start), out=buf[start - r:h].transpose(2, 0, 1))
+        data = buf[:h]
+        return r, data, nodata_mask(ds, data.transpose(2, 0, 1), Window(0, r, width, h), bands)
+
+    with ThreadPoolExecutor(1) as reader:
+        fut = reader.submit(read, 0, None) if rows else None
+        for k in range(len(rows)):
+            strip = fut.result()  # type: ignore[union-attr]
+            fut = reader.submit(read, k + 1, strip) if k + 1 < len(rows) else None
+            yield strip
 
 
 def _cut(data: np.ndarray, mask: np.ndarray | None, col: int, tile: int, fill: float
-         ) -> tuple[np.ndarray, np.ndarray]:
-    """(tile (H, W, C) padded to tile×tile with `fill`, valid-pixel mask (tile, tile))."""
-    c, h, _ = data.shape
-    piece = data[:, :, col:col + tile]
-    pw = piece.shape[2]
+         ) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """(tile (tile, tile, C) — a view of the strip unless padded —, valid-pixel mask or None when every
+    pixel is valid, nodata fraction). Only a scene smaller than a tile is padded, with `fill`."""
+    h = data.shape[0]
+    piece = data[:, col:col + tile]
+    pw = piece.shape[1]
+    if h == tile and pw == tile:
+        if mask is None:
+            return piece, None, 0.0
+        valid = ~mask[:, col:col + tile]
+        return piece, valid, 1.0 - float(np.count_nonzero(valid)) / (tile * tile)
+    out = np.full((tile, tile, data.shape[2]), fill, dtype=data.dtype)
+    out[:h, :pw] = piece
     valid = np.zeros((tile, tile), bool)
     valid[:h, :pw] = True if mask is None else ~mask[:, col:col + tile]
-    if h == tile and pw == tile:
-        return np.ascontiguousarray(piece.transpose(1, 2, 0)), valid
-    out = np.full((tile, tile, c), fill, dtype=data.dtype)
-    out[:h, :pw] = piece.transpose(1, 2, 0)
-    return out, valid
+    return out, valid, 1.0 - float(np.count_nonzero(valid)) / (tile * tile)
 
 
 def tile_scene(config: Config, scene_index: int, work_dir: Path, progress: Progress | None = None) -> Path:
     """Tile one scene into ``work_dir/scene-NNNN/`` (TFRecord parts, manifest lines, pixel sample, counts)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from pipeline.data.records import encode_tile
-
     work_dir = Path(work_dir)
     plan = _load_plan(config, work_dir)
     scene = plan["scenes"][scene_index]
@@ -196,58 +216,60 @@ def tile_scene(config: Config, scene_index: int, work_dir: Path, progress: Progr
         skipped_windows = scene["n_windows"] - len(selected)
         if progress and skipped_windows:
             progress(skipped_windows)
+        # PNG encoding is CPU-heavy and releases the GIL: spread it over threads. Raw is a memcpy: inline.
+        png = t.encoding == "png" and png_capable(plan["dtype"], len(bands))
+        encoders = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) if png else None
 
-        with atomic_dir(out_final) as out, ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+        def encode(item: tuple[dict[str, Any], np.ndarray]) -> list[bytes]:
+            e, img = item
+            return encode_tile_chunks(img, e["boxes"], e["class_ids"], e["id"], scene["scene"], t.encoding)
+
+        with atomic_dir(out_final) as out:
             writer = _ShardWriter(out, t.shard_size)
             manifest: list[str] = []
-            pending: list[tuple[dict[str, Any], Any]] = []
-
-            def drain() -> None:
-                for e, fut in pending:
-                    shard = writer.write(e["split"], fut.result())
-                    manifest.append(json.dumps({**e["record"], "shard": shard}))
-                if progress and pending:
-                    progress(len(pending))
-                pending.clear()
-
             a, b, c0, d, e_, f = scene["transform"]
-            for r, data, mask in _strips(ds, rows, tile, bands):
-                batch = []
-                for e in sorted(by_row[r], key=lambda x: x["col"]):
-                    img, valid = _cut(data, mask, e["col"], tile, fill)
-                    nodata_fraction = 1.0 - float(valid.mean())
-                    if nodata_fraction > t.max_nodata_fraction:
-                        qa["nodata_skipped"] += 1
-                        continue
-                    n = len(e["boxes"])
-                    tile_id = f"{scene['scene']}_{e['col']}_{r}"
-                    col = e["col"]
-                    e["record"] = {
-                        "id": tile_id, "scene": scene["scene"], "split": e["split"],
-                        "window": [col, r, tile, tile],
-                        "transform": [a, b, a * col + b * r + c0, d, e_, d * col + e_ * r + f],
-                        "crs": scene["crs"], "n_boxes": n, "nodata_fraction": round(nodata_fraction, 6),
-                    }
-                    qa["tiles"][e["split"]] += 1
-                    qa["empty_kept"] += n == 0
-                    qa["kept"] += n
-                    qa["clipped"] += e["clipped"]
-                    qa["dropped"] += e["dropped"]
-                    qa["max_boxes"] = max(qa["max_boxes"], n)
-                    for cid in e["class_ids"]:
-                        qa["class_counts"][classes[cid - 1]] += 1
-                    # sample positions first, then drop nodata ones: no copy of the whole tile
-                    pick = rng.integers(0, tile * tile, per_tile)
-                    pick = pick[valid.ravel()[pick]]
-                    samples["train" if e["split"] == "train" else "other"].append(img.reshape(-1, len(bands))[pick])
-                    batch.append((e, pool.submit(encode_tile, img, e["boxes"], e["class_ids"], tile_id,
-                                                 scene["scene"])))
-                drain()  # write the previous strip's tiles while this strip's encode on the pool
-                pending.extend(batch)
-                if progress:
-                    progress(len(by_row[r]) - len(batch))
-            drain()
-            writer.close()
+            try:
+                for r, data, mask in _strips(ds, rows, tile, bands, plan["dtype"]):
+                    kept: list[tuple[dict[str, Any], np.ndarray]] = []
+                    for e in sorted(by_row[r], key=lambda x: x["col"]):
+                        col = e["col"]
+                        img, valid, nodata_fraction = _cut(data, mask, col, tile, fill)
+                        if nodata_fraction > t.max_nodata_fraction:
+                            qa["nodata_skipped"] += 1
+                            continue
+                        n = len(e["boxes"])
+                        e["id"] = f"{scene['scene']}_{col}_{r}"
+                        e["record"] = {
+                            "id": e["id"], "scene": scene["scene"], "split": e["split"],
+                            "window": [col, r, tile, tile],
+                            "transform": [a, b, a * col + b * r + c0, d, e_, d * col + e_ * r + f],
+                            "crs": scene["crs"], "n_boxes": n, "nodata_fraction": round(nodata_fraction, 6),
+                        }
+                        qa["tiles"][e["split"]] += 1
+                        qa["empty_kept"] += n == 0
+                        qa["kept"] += n
+                        qa["clipped"] += e["clipped"]
+                        qa["dropped"] += e["dropped"]
+                        qa["max_boxes"] = max(qa["max_boxes"], n)
+                        for cid in e["class_ids"]:
+                            qa["class_counts"][classes[cid - 1]] += 1
+                        # sample pixel positions, then drop nodata ones: no copy of the tile
+                        pick = rng.integers(0, tile * tile, per_tile)
+                        if valid is not None:
+                            pick = pick[valid.ravel()[pick]]
+                        samples["train" if e["split"] == "train" else "other"].append(img[pick // tile, pick % tile])
+                        kept.append((e, img))
+
+                    # every tile of the strip is encoded before the strip buffer can be reused
+                    records = list(encoders.map(encode, kept)) if encoders else [encode(k) for k in kept]
+                    for (e, _), record in zip(kept, records, strict=True):
+                        manifest.append(json.dumps({**e["record"], "shard": writer.write(e["split"], record)}))
+                    if progress:
+                        progress(len(by_row[r]))
+            finally:
+                writer.close()
+                if encoders:
+                    encoders.shutdown()
             atomic_write_text(out / "manifest.jsonl", "".join(m + "\n" for m in manifest))
             for key, arrs in samples.items():
                 arr = np.concatenate(arrs) if arrs else np.zeros((0, len(bands)), np.float64)

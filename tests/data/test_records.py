@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.data.records import decode_tile_numpy, encode_tile, parse_tile
+from pipeline.data.records import RecordWriter, decode_tile_numpy, encode_tile, parse_tile
 from pipeline.errors import SatdetError
 
 
-def _round_trip(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray) -> None:
-    record = encode_tile(image, boxes, labels, "scene_a/7_3", "scene_a")
+def _round_trip(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, encoding: str = "raw") -> None:
+    record = encode_tile(image, boxes, labels, "scene_a/7_3", "scene_a", encoding)
     parsed = parse_tile(tf.constant(record), image.dtype.name, image.shape[2])
     assert parsed["image"].dtype == tf.as_dtype(image.dtype)
     np.testing.assert_array_equal(parsed["image"].numpy(), image)
@@ -26,13 +26,40 @@ def _round_trip(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray) -> Non
     assert decoded["id"] == "scene_a/7_3"
 
 
-def test_uint8_rgb_round_trips_through_png() -> None:
+def _format(record: bytes) -> bytes:
+    return tf.train.Example.FromString(record).features.feature["image/format"].bytes_list.value[0]
+
+
+@pytest.mark.parametrize("encoding", ["raw", "png"])
+def test_uint8_rgb_round_trips_in_both_encodings(encoding: str) -> None:
     rng = np.random.default_rng(1)
     image = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)  # non-square catches an H/W swap
     boxes = np.array([[0, 0, 4.5, 3], [10.25, 20, 39, 47.75]], np.float32)
-    _round_trip(image, boxes, np.array([1, 2]))
-    assert tf.train.Example.FromString(encode_tile(image, boxes, [1, 2], "t", "s")).features.feature[
-        "image/format"].bytes_list.value[0] == b"png"
+    _round_trip(image, boxes, np.array([1, 2]), encoding)
+    assert _format(encode_tile(image, boxes, [1, 2], "t", "s", encoding)) == encoding.encode()
+
+
+def test_uint16_png_round_trips_and_odd_band_counts_stay_raw() -> None:
+    rng = np.random.default_rng(4)
+    image = rng.integers(0, 65536, (20, 12, 4)).astype(np.uint16)
+    _round_trip(image, np.array([[1, 2, 3, 4]], np.float32), np.array([1]), "png")
+    assert _format(encode_tile(image, np.zeros((0, 4)), [], "t", "s", "png")) == b"png"
+    five = np.zeros((8, 8, 5), np.uint8)
+    assert _format(encode_tile(five, np.zeros((0, 4)), [], "t", "s", "png")) == b"raw"
+
+
+def test_record_writer_framing_is_read_by_tf_data_with_mixed_encodings(tmp_path) -> None:  # noqa: ANN001
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(3)]
+    path = tmp_path / "mixed.tfrecord"
+    with RecordWriter(path) as writer:
+        for i, (img, enc) in enumerate(zip(images, ["raw", "png", "raw"], strict=True)):
+            writer.write(encode_tile(img, np.array([[1, 1, 5, 5]]), [1], f"t{i}", "s", enc))
+    # TFRecordDataset checks the CRCs of every record: a framing bug fails here
+    parsed = [parse_tile(r, "uint8", 3) for r in tf.data.TFRecordDataset(str(path))]
+    assert len(parsed) == 3
+    for img, p in zip(images, parsed, strict=True):
+        np.testing.assert_array_equal(p["image"].numpy(), img)
 
 
 def test_uint16_four_band_round_trips_as_raw_bytes() -> None:

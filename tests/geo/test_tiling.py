@@ -61,9 +61,11 @@ def test_tfrecord_round_trip_matches_the_raster_and_the_labels(tmp_path, scene):
     assert all(lo < hi for lo, hi in zip(stats["low"], stats["high"]))
 
 
-def test_uint16_multiband_tiles_round_trip_as_raw(tmp_path):
+@pytest.mark.parametrize("encoding", ["raw", "png"])
+def test_uint16_multiband_tiles_round_trip_in_either_encoding(tmp_path, encoding):
     s = make_scene(tmp_path, "u", 100, 100, seed=1, dtype="uint16", bands=4, n_objects=2)
-    cfg = make_config(tmp_path, [{"image": s.image, "labels": s.labels}], bands=[4, 1], negative_ratio=100.0)
+    cfg = make_config(tmp_path, [{"image": s.image, "labels": s.labels}], bands=[4, 1], negative_ratio=100.0,
+                      encoding=encoding)
     tiles = run_tiling(cfg, tmp_path / "tiles")
     records = _records(tiles)
     with rasterio.open(s.image) as ds:
