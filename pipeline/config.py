@@ -149,6 +149,11 @@ class ModelConfig(_Section):
         description="ROIAlign kernel: 'crop_and_resize' (fast on CPU, no XLA), 'gather' (XLA-compatible); "
         "'auto' = gather when a GPU is visible. Use 'gather' with train.jit_compile=true on CPU.",
     )
+    nms_impl: Literal["auto", "greedy", "padded"] = Field(
+        "auto",
+        description="NMS kernel: 'greedy' (C++ per image, fast on CPU, no XLA), 'padded' (batched, XLA-compatible); "
+        "'auto' = padded when a GPU is visible. Use 'padded' with train.jit_compile=true on CPU.",
+    )
     seed: int = Field(0, description="Seed of the anchor/ROI sampling RNG (its state is saved with the weights).")
     head_dim: int = Field(1024, description="Box head FC width.")
     score_threshold: float = Field(0.05, description="Detections below this score are dropped.")

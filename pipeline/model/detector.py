@@ -21,7 +21,7 @@ import tensorflow as tf
 from pipeline.config import ModelConfig
 from pipeline.model.anchors import multilevel_anchors, num_anchors_per_location
 from pipeline.model.backbone import build_backbone
-from pipeline.model.boxes import BoxCoder, batched_nms, clip_boxes
+from pipeline.model.boxes import BoxCoder, batched_nms, clip_boxes, resolve_nms_impl
 from pipeline.model.fpn import FPN
 from pipeline.model.roi import BoxHead, resolve_roi_align_impl, roi_align, roi_loss, sample_rois
 from pipeline.model.rpn import (
@@ -72,6 +72,7 @@ class FasterRCNN(keras.Model):
         self.rpn_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
         self.roi_coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
         self.roi_align_impl = resolve_roi_align_impl(cfg.roi_align_impl)
+        self.nms_impl = resolve_nms_impl(cfg.nms_impl)
         backbone_top = min(cfg.max_level, _ROI_MAX_LEVEL)
         with _dtype_policy(cfg.mixed_precision):
             self.backbone = build_backbone(cfg.backbone, self.bands, cfg.weights)
@@ -134,7 +135,7 @@ class FasterRCNN(keras.Model):
         rpn_obj, rpn_box = rpn_loss(logits, deltas, anchors, gt_boxes, matched, positive, negative, self.rpn_coder)
 
         proposals, valid = propose(logits, deltas, level_anchors, size, self.rpn_coder, cfg.rpn_pre_nms_top_n_train,
-                                   cfg.rpn_post_nms_top_n_train, cfg.rpn_nms_iou)
+                                   cfg.rpn_post_nms_top_n_train, cfg.rpn_nms_iou, nms_impl=self.nms_impl)
         rois = sample_rois(proposals, valid, gt_boxes, gt_labels, num_boxes, cfg.roi_batch_per_image,
                            cfg.roi_positive_fraction, cfg.roi_fg_iou, self.seed_generator)
         cls_logits, box_deltas = self.box_head(self._roi_features(features, rois["boxes"]))
@@ -150,7 +151,8 @@ class FasterRCNN(keras.Model):
         features = self._features(images, training)
         logits, deltas = self.rpn_head(features)
         proposals, valid = propose(logits, deltas, self._anchors(features), (height, width), self.rpn_coder,
-                                   cfg.rpn_pre_nms_top_n_test, cfg.rpn_post_nms_top_n_test, cfg.rpn_nms_iou)
+                                   cfg.rpn_pre_nms_top_n_test, cfg.rpn_post_nms_top_n_test, cfg.rpn_nms_iou,
+                                   nms_impl=self.nms_impl)
         cls_logits, box_deltas = self.box_head(self._roi_features(features, proposals))
         return self._postprocess(proposals, valid, cls_logits, box_deltas, height, width)
 
@@ -172,7 +174,8 @@ class FasterRCNN(keras.Model):
             scores, top = tf.math.top_k(scores, k=limit)
             boxes = tf.gather(boxes, top, batch_dims=1)
             classes = tf.gather(classes, top, batch_dims=1)
-        keep, num = batched_nms(boxes, scores, classes, cfg.max_detections, cfg.nms_iou, cfg.score_threshold)
+        keep, num = batched_nms(boxes, scores, classes, cfg.max_detections, cfg.nms_iou, cfg.score_threshold,
+                                 impl=self.nms_impl)
         mask = tf.range(keep.shape[1])[None, :] < num[:, None]
         out = {
             "boxes": tf.where(mask[..., None], tf.gather(boxes, keep, batch_dims=1), 0.0),

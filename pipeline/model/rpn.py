@@ -134,6 +134,7 @@ def propose(
     post_nms_top_n: int,
     nms_iou: float,
     min_size: float = 1e-3,
+    nms_impl: str = "padded",
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Proposals per image: top-k objectness per level, decode, clip, NMS per level, keep the best overall.
 
@@ -159,7 +160,8 @@ def propose(
     scores = tf.concat(scores_l, axis=1)
     big_enough = ((boxes[..., 2] - boxes[..., 0]) >= min_size) & ((boxes[..., 3] - boxes[..., 1]) >= min_size)
     scores = tf.where(big_enough, scores, -1e9)
-    keep, num = batched_nms(boxes, scores, tf.concat(levels_l, axis=1), post_nms_top_n, nms_iou, score_threshold=-1e8)
+    keep, num = batched_nms(boxes, scores, tf.concat(levels_l, axis=1), post_nms_top_n, nms_iou,
+                            score_threshold=-1e8, impl=nms_impl)
     out = tf.gather(boxes, keep, batch_dims=1)
     valid = tf.range(keep.shape[1])[None, :] < num[:, None]
     pad = post_nms_top_n - keep.shape[1]

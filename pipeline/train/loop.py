@@ -462,8 +462,13 @@ def run_training(config: Config, tiles_dir: Path, model_dir: Path, resume: bool 
     stats = load_stats(tiles_dir)
     keras.utils.set_random_seed(config.seed)
     strategy = choose_strategy(config.train.distribute)
+    model_cfg = config.model
+    if config.train.jit_compile:  # XLA has no kernels for the CPU-fast NMS/ROIAlign: 'auto' picks the XLA ones
+        model_cfg = model_cfg.model_copy(update={
+            k: v for k, v in {"nms_impl": "padded", "roi_align_impl": "gather"}.items() if getattr(model_cfg, k) == "auto"
+        })
     with strategy.scope():
-        model = build_detector(config.model, len(config.classes), int(stats["channels"]))
+        model = build_detector(model_cfg, len(config.classes), int(stats["channels"]))
     exempt = [str(getattr(v, "path", v.name)) for v in _agc_exempt_variables(model)]
     evaluate_fn = None
     if tile_count(tiles_dir, "val") > 0:
