@@ -1,6 +1,7 @@
 """pipeline/model/boxes.py: IoU against NumPy, box coder round trip, clipping, grouped padded NMS."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from pipeline.model.boxes import BoxCoder, batched_nms, clip_boxes, pairwise_iou, xyxy_to_yxyx
@@ -65,18 +66,40 @@ def test_clip_and_axis_swap():
     np.testing.assert_allclose(xyxy_to_yxyx(tf.constant([[1.0, 2.0, 3.0, 4.0]])).numpy(), [[2, 1, 4, 3]])
 
 
-def test_batched_nms_suppresses_within_a_group_only():
+@pytest.mark.parametrize("impl", ["padded", "greedy"])
+def test_batched_nms_suppresses_within_a_group_only(impl):
     boxes = np.array([[[0, 0, 10, 10], [1, 1, 11, 11], [0, 0, 10, 10], [50, 50, 60, 60]]], np.float32)
     scores = np.array([[0.9, 0.8, 0.7, 0.6]], np.float32)
     groups = np.array([[0, 0, 1, 0]], np.int32)
-    keep, num = batched_nms(boxes, scores, groups, max_output=4, iou_threshold=0.5)
+    keep, num = batched_nms(boxes, scores, groups, max_output=4, iou_threshold=0.5, impl=impl)
     assert int(num[0]) == 3
     assert keep.numpy()[0, :3].tolist() == [0, 2, 3]  # sorted by score; box 1 suppressed by box 0
-    keep_all, num_all = batched_nms(boxes, scores, None, max_output=4, iou_threshold=0.5)
+    keep_all, num_all = batched_nms(boxes, scores, None, max_output=4, iou_threshold=0.5, impl=impl)
     assert int(num_all[0]) == 2 and keep_all.numpy()[0, :2].tolist() == [0, 3]
 
 
-def test_batched_nms_applies_score_threshold():
+@pytest.mark.parametrize("impl", ["padded", "greedy"])
+def test_batched_nms_applies_score_threshold(impl):
     boxes = np.array([[[0, 0, 10, 10], [50, 50, 60, 60]]], np.float32)
-    keep, num = batched_nms(boxes, np.array([[0.9, 0.01]], np.float32), None, 5, 0.5, score_threshold=0.05)
+    keep, num = batched_nms(boxes, np.array([[0.9, 0.01]], np.float32), None, 5, 0.5, score_threshold=0.05,
+                            impl=impl)
     assert int(num[0]) == 1 and keep.shape == (1, 2)
+
+
+def test_greedy_and_padded_nms_keep_the_same_boxes_on_random_crowds():
+    rng = np.random.default_rng(7)
+    xy = rng.uniform(0, 200, (3, 400, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(5, 40, (3, 400, 2))], -1).astype(np.float32)
+    scores = rng.uniform(size=(3, 400)).astype(np.float32)
+    groups = rng.integers(0, 3, (3, 400)).astype(np.int32)
+    a = batched_nms(boxes, scores, groups, 150, 0.6, score_threshold=0.1, impl="padded")
+    b = batched_nms(boxes, scores, groups, 150, 0.6, score_threshold=0.1, impl="greedy")
+    np.testing.assert_array_equal(a[1].numpy(), b[1].numpy())
+    assert int(a[1].numpy().min()) > 10  # the crowd leaves enough survivors to compare
+    for i, n in enumerate(a[1].numpy()):
+        assert a[0].numpy()[i, :n].tolist() == b[0].numpy()[i, :n].tolist()
+
+
+def test_unknown_nms_impl_is_rejected():
+    with pytest.raises(ValueError, match="unknown NMS implementation"):
+        batched_nms(np.zeros((1, 2, 4), np.float32), np.zeros((1, 2), np.float32), None, 2, 0.5, impl="fast")
