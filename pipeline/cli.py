@@ -300,6 +300,68 @@ def schedule_cmd(
     serve_training(config, cfg, cron=cron, name=name, timezone=timezone, overrides=set_)
 
 
+# ------------------------------------------------------------------------------------ experiments (issue 9)
+experiment_app = typer.Typer(
+    no_args_is_help=True, help="Controlled experiments over the trainer (outputs in run_dir/study)."
+)
+app.add_typer(experiment_app, name="experiment")
+
+
+def _split_list(text: str, cast: Callable[[str], Any], option: str) -> tuple[Any, ...]:
+    """'a,b,c' → cast items; a bad item is a one-line error naming the option."""
+    try:
+        return tuple(cast(x.strip()) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise SatdetError(f"{option} {text!r}: expected a comma-separated list") from None
+
+
+@experiment_app.command("clipping")
+@friendly_errors
+def experiment_clipping_cmd(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    strategies: Annotated[
+        str, typer.Option("--strategies", help="Comma-separated clipping strategies to compare.")
+    ] = "none,global_norm,value,loss_adaptive,autoclip,agc,zclip",
+    lrs: Annotated[str, typer.Option("--lrs", help="Comma-separated peak learning rates (a normal and a high one).")]
+    = "0.02,0.2",
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps per run (the same for every run).")]
+    = 80,
+    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds (several give a spread).")] = "0",
+    target_fraction: Annotated[
+        float, typer.Option("--target-fraction", help="Target loss = this × the initial loss (see report.md).")
+    ] = 0.5,
+    force: Annotated[bool, typer.Option("--force", help="Re-run runs that already have a result.")] = False,
+) -> None:
+    """Train once per (strategy, learning rate, seed) on the same tiles and step budget; writes run_dir/study/
+    (results.csv, report.md, curves.png). Tiles first if run_dir/tiles is missing."""
+    from pipeline.config import save_config
+    from pipeline.study.plan import StudyPlan
+    from pipeline.study.progress import StudyProgress
+    from pipeline.study.runner import run_study
+
+    cfg = load(config, set_)
+    plan = StudyPlan(
+        strategies=_split_list(strategies, str, "--strategies"),
+        lrs=_split_list(lrs, float, "--lrs"),
+        seeds=_split_list(seeds, int, "--seeds"),
+        steps=steps,
+        target_fraction=target_fraction,
+    )
+    tiles = cfg.run_dir / "tiles"
+    if not (tiles / "stats.json").exists():
+        from pipeline.geo.tiling import run_tiling
+
+        typer.echo(f"no tiles in {tiles}: tiling first")
+        run_tiling(cfg, tiles)
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    typer.echo(f"{len(plan.runs())} runs × {steps} steps → {cfg.run_dir / 'study'}")
+    with StudyProgress(steps) as progress:
+        out = run_study(cfg, tiles, cfg.run_dir / "study", plan, force=force, on_event=progress)
+    for name in ("results.csv", "report.md", "curves.png"):
+        typer.echo(f"{name}: {out / name}")
+
+
 # ------------------------------------------------------------------------------------ environment (issue 8)
 @app.command("doctor")
 def doctor_cmd(

@@ -1,0 +1,107 @@
+"""The clipping study as a Prefect flow: tile if needed → one task per (strategy, learning rate, seed) run →
+report, with the results as a table artifact and the report as a markdown artifact.
+
+Runs are called one after another on the flow's main thread (TensorFlow wants it, and they share the
+machine). A run that diverges or fails is a *result*, not a failed task: the study goes on. Finished runs
+whose config and tiles are unchanged are reused (`force=True` re-runs them).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from flows.reporting import slug
+from pipeline.config import Config, load_config, save_config
+
+
+@task(name="study-tile")
+def tile(config: Config, tiles_dir: Path) -> Path:
+    """Tile the configured scenes (only called when the run has no tiles yet)."""
+    from pipeline.geo import tiling
+
+    return Path(tiling.run_tiling(config, Path(tiles_dir)))
+
+
+@task(name="study-run", task_run_name="study-run-{run_id}")
+def study_run(config: Config, plan: Any, spec: Any, tiles_dir: Path, out_dir: Path, force: bool,
+              run_id: str) -> dict[str, Any]:
+    """Train one run of the study (or reuse its stored result); returns its result record."""
+    from pipeline.study import runner
+
+    return runner.run_or_reuse(config, plan, spec, Path(tiles_dir), Path(out_dir), force)
+
+
+@task(name="study-report")
+def study_report(config: Config, plan: Any, out_dir: Path) -> Path:
+    """results.csv, report.md, curves.png from the runs' results and telemetry."""
+    from pipeline.study import report
+
+    return Path(report.write_report(config, plan, Path(out_dir)))
+
+
+@flow(name="satdet-clipping-study")
+def clipping_study(
+    config_path: str,
+    overrides: list[str] | None = None,
+    strategies: list[str] | None = None,
+    lrs: list[float] | None = None,
+    steps: int = 80,
+    seeds: list[int] | None = None,
+    target_fraction: float = 0.5,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Compare clipping strategies on one config: same tiles, model, seeds and step budget for every run.
+
+    Args:
+        config_path: YAML config; its `train.clip` block supplies every strategy's thresholds.
+        overrides: `section.key=value` overrides applied on top of the file.
+        strategies: clipping strategies (default: none, global_norm, value, loss_adaptive, autoclip, agc, zclip).
+        lrs: peak learning rates (default: 0.02 and 0.2).
+        steps: optimizer steps per run.
+        seeds: seeds (several give a spread across runs).
+        target_fraction: target loss = this × the initial loss.
+        force: re-run runs that already have a stored result.
+    """
+    from pipeline.study.plan import LRS, STRATEGIES, StudyPlan
+    from pipeline.study.report import read_results
+    from pipeline.study.runner import check_tiles
+
+    logger = get_run_logger()
+    config = load_config(config_path, overrides or [])
+    plan = StudyPlan(strategies=tuple(strategies or STRATEGIES), lrs=tuple(lrs or LRS),
+                     seeds=tuple(seeds if seeds is not None else (0,)), steps=steps, target_fraction=target_fraction)
+    run_dir = config.run_dir.resolve()
+    tiles_dir, out_dir = run_dir / "tiles", run_dir / "study"
+    if not (tiles_dir / "stats.json").exists():
+        tile(config, tiles_dir)
+    check_tiles(tiles_dir)
+    save_config(config, run_dir / "config.yaml")
+
+    runs = plan.runs()
+    logger.info("%d runs × %d steps → %s", len(runs), steps, out_dir)
+    for spec in runs:  # called, not submitted: the main thread, one run at a time
+        result = study_run(config, plan, spec, tiles_dir, out_dir, force, run_id=spec.run_id)
+        logger.info("%s: %s", spec.run_id, result.get("status"))
+    out = study_report(config, plan, out_dir)
+
+    rows = read_results(out)
+    key = slug(f"{config.name}-clipping-study")
+    create_table_artifact(key=key, table=rows, description=f"Clipping study {config.name}: one row per run")
+    create_markdown_artifact(
+        key=f"{key}-report",
+        markdown=(out / "report.md").read_text() + f"\n\nCurves: `{out / 'curves.png'}`\n",
+        description=f"Clipping study {config.name}: ranking per learning rate",
+    )
+    return {
+        "study": str(out),
+        "results": str(out / "results.csv"),
+        "report": str(out / "report.md"),
+        "curves": str(out / "curves.png"),
+        "runs": len(rows),
+        "diverged": sum(r["status"] == "diverged" for r in rows),
+        "failed": sum(r["status"] == "failed" for r in rows),
+    }
