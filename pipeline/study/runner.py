@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -198,9 +199,9 @@ def check_tiles(tiles_dir: Path) -> None:
 
 def _release_tf() -> None:
     """Drop the finished run's graphs and model so memory stays flat over many runs in one process."""
-    import keras
-
-    keras.backend.clear_session()
+    keras = sys.modules.get("keras")  # not imported when no run has trained in this process
+    if keras is not None:
+        keras.backend.clear_session()
     gc.collect()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,3 +26,26 @@ def tiny_config(runs_dir: Path, scenes: list[dict[str, str]], name: str = "study
                   "schedule": {"warmup_steps": 2}},
         "evaluate": {"max_dets": 100},
     }
+
+
+def boom(config: Any, tiles_dir: Path, model_dir: Path) -> dict[str, Any]:
+    raise RuntimeError("boom: the trainer crashed")
+
+
+def fake_train_run(config: Any, tiles_dir: Path, model_dir: Path) -> dict[str, Any]:
+    """Stand-in for `runner.train_run` (bookkeeping tests, no TensorFlow): loss 2/step, norm 3; the `agc`
+    run raises."""
+    if config.train.clip.strategy == "agc":
+        boom(config, tiles_dir, model_dir)
+    steps = config.train.steps
+    lines = [{"step": i, "loss": 2.0 / i, "grad_norm_before": 3.0, "grad_norm_after": 3.0} for i in range(1, steps + 1)]
+    (Path(model_dir) / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return {"step": steps, "stop_reason": "steps", "skipped_steps": 0, "clip_fraction": 0.0,
+            "final_loss": 2.0 / steps, "wall_s": 0.1, "val_ap50": 0.25, "val_s": 0.01, "device": "CPU"}
+
+
+def write_config(path: Path, data: dict[str, Any]) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path

@@ -19,7 +19,7 @@ from pipeline.study.plan import StudyPlan
 from pipeline.study.report import COLUMNS
 from pipeline.study.runner import run_study
 
-from .studykit import tiny_config
+from .studykit import boom, fake_train_run, tiny_config
 
 CLIP_NORM = 0.5  # below the tiny model's typical global norm (~1.4): global_norm clips every step
 PLAN = StudyPlan(strategies=("none", "global_norm"), lrs=(0.005, 1e6), steps=6, window=2, final_window=3,
@@ -97,26 +97,11 @@ def test_a_run_forced_to_diverge_is_reported_as_diverged(study):
 
 def test_a_second_invocation_reuses_finished_runs(study, config, study_tiles, monkeypatch):
     out, _ = study
-    monkeypatch.setattr(runner, "train_run", _boom)  # training again would turn the runs into 'failed'
+    monkeypatch.setattr(runner, "train_run", boom)  # training again would turn the runs into 'failed'
     ends = []
     run_study(config, study_tiles, out, PLAN, on_event=lambda k, s, info: ends.append(info) if k == "end" else None)
     assert len(ends) == 4 and all(e.get("reused") for e in ends)
     assert {r["status"] for r in _rows(out).values()} == {"ok", "diverged"}
-
-
-def _boom(config, tiles_dir, model_dir):
-    raise RuntimeError("boom: the trainer crashed")
-
-
-def fake_train_run(config, tiles_dir, model_dir):
-    """Stand-in for train_run: a plausible log and summary, no TensorFlow (bookkeeping tests)."""
-    if config.train.clip.strategy == "agc":
-        _boom(config, tiles_dir, model_dir)
-    steps = config.train.steps
-    lines = [{"step": i, "loss": 2.0 / i, "grad_norm_before": 3.0, "grad_norm_after": 3.0} for i in range(1, steps + 1)]
-    (Path(model_dir) / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    return {"step": steps, "stop_reason": "steps", "skipped_steps": 0, "clip_fraction": 0.0, "final_loss": 2.0 / steps,
-            "wall_s": 0.1, "val_ap50": 0.25, "val_s": 0.01, "device": "CPU"}
 
 
 def test_a_run_that_raises_is_recorded_as_failed_and_the_study_goes_on(config, study_tiles, tmp_path, monkeypatch):
