@@ -10,8 +10,10 @@ below it. Steps are optimizer steps, counted from 1.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,6 +27,22 @@ class Series:
     loss: np.ndarray
     norm_before: np.ndarray
     norm_after: np.ndarray
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a train_log.jsonl (empty when missing; a torn last line is ignored). Read here rather
+    than through pipeline.train.telemetry so reporting never imports TensorFlow."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
 
 
 def series(records: list[dict[str, Any]]) -> Series:

@@ -25,7 +25,6 @@ from pipeline.files import atomic_path, atomic_write_json, atomic_write_text
 from pipeline.study import metrics as m
 from pipeline.study.plan import RunSpec, StudyPlan
 from pipeline.study.runner import load_result, runs_dir
-from pipeline.train.telemetry import read_log
 
 COLUMNS = (
     "run", "strategy", "lr", "seed", "status", "stop_reason", "steps_done", "skipped_steps",
@@ -43,7 +42,7 @@ def collect_rows(plan: StudyPlan, out_dir: Path) -> tuple[list[dict[str, Any]], 
     for spec in plan.runs():
         result = load_result(out_dir, spec)
         if result is not None:
-            found.append((spec, result, m.series(read_log(runs_dir(out_dir) / spec.run_id))))
+            found.append((spec, result, m.series(m.read_log(runs_dir(out_dir) / spec.run_id / "train_log.jsonl"))))
     initial = {spec.run_id: m.initial_loss(s, plan.window) for spec, _, s in found}
     reference = {
         seed: m.reference_loss([initial[sp.run_id] for sp, _, _ in found if sp.seed == seed]) for seed in plan.seeds
@@ -297,7 +296,9 @@ def plot_curves(plan: StudyPlan, rows: list[dict[str, Any]], curves: dict[str, m
                 with warnings.catch_warnings():  # all-NaN columns (after a run stopped) stay NaN
                     warnings.simplefilter("ignore", RuntimeWarning)
                     mean = np.nanmean(grid, axis=0)
-                ax.plot(np.arange(1, plan.steps + 1), mean, color=c, lw=1.3, label=strategy)
+                bad = sum(r["status"] in _BAD for r in runs)
+                label = strategy + (f" ({bad}/{len(runs)} diverged)" if bad else "")
+                ax.plot(np.arange(1, plan.steps + 1), mean, color=c, lw=1.3, label=label)
             for r in runs:  # where a run first produced a non-finite loss or gradient
                 if r["first_nonfinite_step"] is not None:
                     ax_loss.axvline(r["first_nonfinite_step"], color=c, ls=":", lw=1.0)
