@@ -120,6 +120,12 @@ class ModelConfig(_Section):
         "mobilenet_v3_large", description="Feature extractor."
     )
     weights: str = Field("none", description="'none', 'imagenet' (needs network) or a path to a weights file.")
+    bn_momentum: float | None = Field(
+        0.9, gt=0, lt=1,
+        description="Backbone batch-norm moving-average momentum (Keras convention). Keras' MobileNetV3 uses 0.999, "
+        "too slow for runs of a few thousand steps: inference statistics lag far behind the weights. "
+        "null keeps the application's value.",
+    )
     fpn_channels: int = Field(256, gt=0, description="FPN channels.")
     min_level: int = Field(2, ge=2, le=5, description="Finest FPN level (stride 2**min_level).")
     max_level: int = Field(6, ge=3, le=7, description="Coarsest FPN level for the RPN.")

@@ -82,9 +82,13 @@ def _tiny(bands: int) -> keras.Model:
     return keras.Model(inputs, outs, name="tiny_backbone")
 
 
-def build_backbone(name: str, bands: int, weights: str = "none") -> keras.Model:
+def build_backbone(name: str, bands: int, weights: str = "none", bn_momentum: float | None = None) -> keras.Model:
     """Build a backbone returning ``[C2, C3, C4, C5]`` (strides 4, 8, 16, 32) for ``bands`` input channels.
 
+    ``bn_momentum`` replaces the batch-norm moving-average momentum of the application (Keras: 0.999 for
+    MobileNetV3, 0.99 for ResNet50). At 0.999 the inference statistics still hold ~55% of their initial
+    values after 600 steps, so a short from-scratch run detects nothing at inference while its training
+    loss looks fine; 0.9 tracks the data within ~50 steps. None keeps the application's value.
     Call it under the desired keras dtype policy: the layers take the global policy at construction.
     """
     if name not in BACKBONES:
@@ -98,4 +102,8 @@ def build_backbone(name: str, bands: int, weights: str = "none") -> keras.Model:
         app = _application(name, bands, None)
         if pretrained:
             _copy_adapting_first_conv(_pretrained_source(name, weights), app, bands)
+    if bn_momentum is not None:
+        for layer in app.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = float(bn_momentum)
     return keras.Model(app.input, _taps(name, app), name=f"{name}_backbone")

@@ -154,7 +154,7 @@ def batched_nms(
             return tf.pad(keep, [[0, max_output - count]]), count
 
         indices, valid = tf.map_fn(
-            one, (boxes, scores), parallel_iterations=8,
+            one, (boxes, scores), parallel_iterations=None if tf.executing_eagerly() else 8,
             fn_output_signature=(tf.TensorSpec([max_output], tf.int32), tf.TensorSpec([], tf.int32)),
         )
         return indices, valid

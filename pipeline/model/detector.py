@@ -75,7 +75,7 @@ class FasterRCNN(keras.Model):
         self.nms_impl = resolve_nms_impl(cfg.nms_impl)
         backbone_top = min(cfg.max_level, _ROI_MAX_LEVEL)
         with _dtype_policy(cfg.mixed_precision):
-            self.backbone = build_backbone(cfg.backbone, self.bands, cfg.weights)
+            self.backbone = build_backbone(cfg.backbone, self.bands, cfg.weights, cfg.bn_momentum)
             self.fpn = FPN(cfg.fpn_channels, num_inputs=backbone_top - cfg.min_level + 1,
                            extra_levels=cfg.max_level - backbone_top, name="fpn")
             self.rpn_head = RPNHead(cfg.fpn_channels, self.num_anchors, name="rpn_head")
