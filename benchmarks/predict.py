@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/predict.py                   # 4096² scene, then 8192² (4x the pixels) for RSS
     .venv/bin/python benchmarks/predict.py --size 2048 --rss-size 0 --threads 2
+    .venv/bin/python benchmarks/predict.py --config configs/neon-trees.yaml        # that config's model section
+    .venv/bin/python benchmarks/predict.py --export runs/neon-trees/model/export   # a trained export
 
 MobileNetV3-Large FPN from scratch (untrained weights are fine for speed), 400 px windows, overlap 32,
 batch 4, through the exported SavedModel when pipeline.model.export is available (else the Keras model
@@ -54,11 +56,16 @@ class _KerasDetector:
         return {k: v.numpy() for k, v in self._fn(images).items()}
 
 
-def _detector(work: Path, tile: int):
-    from pipeline.config import ModelConfig
+def _detector(work: Path, tile: int, config: str | None = None, export: str | None = None):
+    from pipeline.config import ModelConfig, load_config
     from pipeline.model.detector import build_detector
 
-    model = build_detector(ModelConfig(backbone="mobilenet_v3_large"), 1, 3)
+    if export:
+        from pipeline.model.export import load_exported
+
+        return load_exported(export), f"exported SavedModel {export}"
+    model_cfg = load_config(config).model if config else ModelConfig(backbone="mobilenet_v3_large")
+    model = build_detector(model_cfg, 1, 3)
     try:
         from pipeline.model.export import export_model, load_exported
 
@@ -84,7 +91,7 @@ def _child(args: argparse.Namespace) -> None:
         work = Path(tmp)
         scene = make_scene(work, "scene", width=args.size, height=args.size, seed=0, resolution=0.1).image
         rss_before_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        detector, kind = _detector(work, args.tile)
+        detector, kind = _detector(work, args.tile, args.config, args.export)
         cfg = PredictConfig(tile_size=args.tile, overlap=args.overlap, batch_size=args.batch,
                             score_threshold=args.score_threshold)
         warm = np.zeros((args.batch, args.tile, args.tile, 3), np.uint8)
@@ -111,6 +118,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--score-threshold", type=float, default=0.3)
     p.add_argument("--threads", type=int, default=0, help="TF intra/inter-op threads (0 = TF default).")
+    p.add_argument("--config", help="Take the model section from this config (default: library defaults).")
+    p.add_argument("--export", help="Benchmark this trained export instead of an untrained model.")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -121,6 +130,8 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", "--size", str(size), "--tile", str(args.tile),
                "--overlap", str(args.overlap), "--batch", str(args.batch),
                "--score-threshold", str(args.score_threshold), "--threads", str(args.threads)]
+        cmd += ["--config", args.config] if args.config else []
+        cmd += ["--export", str(Path(args.export).resolve())] if args.export else []
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if out.returncode != 0:
             raise SystemExit(f"benchmark child failed for size {size}:\n{out.stderr[-3000:]}")
@@ -128,7 +139,7 @@ def main() -> None:
     result = {
         "benchmark": "predict",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "settings": {"backbone": "mobilenet_v3_large", "weights": "none", "tile": args.tile,
+        "settings": {"model": args.export or args.config or "library defaults (MobileNetV3-Large FPN)", "tile": args.tile,
                      "overlap": args.overlap, "batch": args.batch, "score_threshold": args.score_threshold,
                      "tf_threads": args.threads or "default"},
         "throughput": runs[0],
