@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/model.py                       # MobileNetV3-Large FPN from scratch, 400 px, batch 4
     .venv/bin/python benchmarks/model.py --variant plain:fpn_channels=128 --variant plain:mixed_precision=mixed_bfloat16
+    .venv/bin/python benchmarks/model.py --config configs/neon-trees.yaml   # start from that config's model section
 
 Synthetic data: random normalised images with 30 boxes of 15-80 px each (tree crowns at 0.1 m). The train
 step is the real pattern (GradientTape, global-norm clip, SGD) without the input pipeline.
@@ -120,11 +121,17 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[],
                         help="'plain' or 'xla', optionally ':key=value,...' model overrides (repeatable); "
                         "default: plain, xla")
+    parser.add_argument("--config", help="Start every variant from this config's model section (default: defaults).")
     args = parser.parse_args()
     variants = args.variant or ["plain", "xla"]
+    base = {"backbone": "mobilenet_v3_large", "weights": "none"}
+    if args.config:
+        from pipeline.config import load_config
+
+        base = load_config(args.config).model.model_dump()
     out = {
         "benchmark": "model",
-        "backbone": "mobilenet_v3_large (weights none)",
+        "model": args.config or "defaults: mobilenet_v3_large (weights none)",
         "image_size": args.size,
         "batch": args.batch,
         "steps_timed": args.steps,
@@ -140,7 +147,7 @@ def main() -> None:
     }
     for text in variants:
         overrides, jit = _parse_variant(text)
-        cfg = ModelConfig(backbone="mobilenet_v3_large", weights="none", **overrides)
+        cfg = ModelConfig(**{**base, **overrides})
         out["results"].append({"variant": text, **run(cfg, jit, args.batch, args.size, args.steps)})
     out["load_average_1min_end"] = round(os.getloadavg()[0], 2)
     print(json.dumps(out, indent=2))
