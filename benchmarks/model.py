@@ -54,7 +54,7 @@ def _time(fn, steps: int) -> float:
 
 def run(cfg: ModelConfig, jit: bool, batch: int, size: int, steps: int) -> dict:
     if jit:
-        cfg = cfg.model_copy(update={"roi_align_impl": "gather"})  # crop_and_resize has no XLA kernel
+        cfg = cfg.model_copy(update={"roi_align_impl": "gather", "nms_impl": "padded"})  # no XLA kernels for the CPU ones
     model = build_detector(cfg, num_classes=1, bands=3)
     optimizer = tf.keras.optimizers.SGD(0.01, momentum=0.9)
     images, targets = _batch(batch, size, 30)
