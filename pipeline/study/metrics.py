@@ -6,6 +6,11 @@ learning rates. The reference initial loss of a seed is the median over its runs
 first `window` steps; the target is `fraction` × that reference (or an absolute `target_loss`). A run
 reaches the target at the first step where the mean of its last `window` losses (all finite) is at or
 below it. Steps are optimizer steps, counted from 1.
+
+A run that stays finite but ends well *above* its seed's reference initial loss (final loss = mean of the
+last `final_window` steps > UNSTABLE_FACTOR × reference) blew up without producing a NaN: it is reported as
+'unstable' — what the non-finite test ('diverged') does not catch. The factor keeps a run that merely has
+not learned yet (final ≈ initial, batch noise either way) out of that class.
 """
 
 from __future__ import annotations
@@ -98,6 +103,14 @@ def final_loss(s: Series, window: int) -> tuple[float, float]:
         return math.nan, math.nan
     sem = float(tail.std(ddof=1) / math.sqrt(len(tail))) if len(tail) > 1 else math.nan
     return float(tail.mean()), sem
+
+
+UNSTABLE_FACTOR = 1.5
+
+
+def blew_up(final: float, reference: float) -> bool:
+    """A finite final loss above UNSTABLE_FACTOR × the reference initial loss (the 'unstable' rule)."""
+    return math.isfinite(final) and math.isfinite(reference) and final > UNSTABLE_FACTOR * reference
 
 
 def first_nonfinite_step(s: Series) -> int | None:

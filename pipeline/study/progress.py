@@ -76,7 +76,9 @@ class StudyProgress:
 
 
 def summary_line(spec: RunSpec, result: dict[str, Any]) -> str:
-    """One line per finished run, e.g. 'agc-lr0.2-s0: ok  AP50 0.123  clip 45%  82 s'."""
+    """One line per finished run, e.g. 'agc-lr0.2-s0: ok  loss 1.31 → 0.97  AP50 0.123  clip 45%  82 s'.
+
+    The status is the trainer's (ok / diverged / failed); the report also flags finite blow-ups ('unstable')."""
     status = result.get("status", "?")
     parts = [f"{spec.run_id}: {status}"]
     if result.get("reused"):
@@ -84,6 +86,9 @@ def summary_line(spec: RunSpec, result: dict[str, Any]) -> str:
     if status == "failed":
         parts.append(str(result.get("error", "")))
     else:
+        first, last = result.get("first_loss"), result.get("last_loss")
+        if isinstance(first, float) and isinstance(last, float):
+            parts.append(f"loss {first:.3g} → {last:.3g}")
         ap = result.get("val_ap50")
         parts.append(f"AP50 {ap:.3f}" if isinstance(ap, float) else "AP50 -")
         if isinstance(result.get("clip_fraction"), float):

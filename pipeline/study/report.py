@@ -1,9 +1,10 @@
 """The study's outputs: results.csv (one row per run), report.md (per-LR table, ranking, how sure we are)
 and curves.png (loss and gradient-norm curves per strategy), all written atomically into the study folder.
 
-Ranking, within one learning rate: strategies whose runs all trained without divergence first (then by the
-share of seeds that diverged or failed), then by mean validation AP50 compared at 0.01 resolution (so
-near-zero APs early in training tie), then by mean final loss (lower is better).
+Ranking, within one learning rate: strategies whose runs were all 'ok' first (then by the share of seeds
+that were unstable, diverged or failed), then by mean validation AP50 compared at 0.01 resolution (so
+near-zero APs early in training tie), then by mean final loss (lower is better). Outcomes are defined in
+pipeline/study/metrics.py.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ COLUMNS = (
     "val_ap50", "clip_fraction", "grad_norm_median", "grad_norm_p90", "grad_norm_max", "thresholds",
     "train_s", "wall_s", "device", "error",
 )
-_BAD = ("diverged", "failed")
+_BAD = ("unstable", "diverged", "failed")
 
 
 # ------------------------------------------------------------------------------------------ rows
@@ -53,6 +54,8 @@ def collect_rows(plan: StudyPlan, out_dir: Path) -> tuple[list[dict[str, Any]], 
         final, sem = m.final_loss(s, plan.final_window)
         median, p90, top = m.norm_percentiles(s, (50, 90, 100))
         row = {k: result.get(k) for k in COLUMNS}
+        if row["status"] == "ok" and m.blew_up(final, reference[spec.seed]):
+            row["status"] = "unstable"
         row.update(
             first_nonfinite_step=m.first_nonfinite_step(s),
             initial_loss=initial[spec.run_id],
@@ -107,7 +110,7 @@ def aggregate(rows: list[dict[str, Any]], lr: float, strategies: tuple[str, ...]
         group = [r for r in rows if r["strategy"] == strategy and r["lr"] == lr]
         if not group:
             continue
-        ok = [r for r in group if r["status"] not in _BAD]
+        ok = [r for r in group if r["status"] not in ("diverged", "failed")]  # unstable runs have a final loss
         ap, ap_sd = _mean_std([_num(r["val_ap50"]) for r in group])
         loss, loss_sd = _mean_std([_num(r["final_loss"]) for r in ok])
         reached = [r["steps_to_target"] for r in group if r["steps_to_target"] is not None]
@@ -115,7 +118,7 @@ def aggregate(rows: list[dict[str, Any]], lr: float, strategies: tuple[str, ...]
             "strategy": strategy,
             "n": len(group),
             "bad": sum(r["status"] in _BAD for r in group),
-            "failed": sum(r["status"] == "failed" for r in group),
+            "outcome": _outcome(group),
             "ap50": ap, "ap50_sd": ap_sd,
             "loss": loss, "loss_sd": loss_sd,
             "loss_sem": _num(group[0]["final_loss_sem"]) if len(group) == 1 else math.nan,
@@ -136,6 +139,12 @@ def aggregate(rows: list[dict[str, Any]], lr: float, strategies: tuple[str, ...]
     if out:
         out[0]["sure"] = "—"
     return out
+
+
+def _outcome(group: list[dict[str, Any]]) -> str:
+    """'ok', or the counts of runs that were not, e.g. '1/3 diverged, 1/3 unstable'."""
+    counts = [(s, sum(r["status"] == s for r in group)) for s in _BAD]
+    return ", ".join(f"{n}/{len(group)} {s}" for s, n in counts if n) or "ok"
 
 
 def _separated(above: dict[str, Any], below: dict[str, Any]) -> str:
@@ -170,7 +179,7 @@ def _pm(mean: float, sd: float, digits: int = 3) -> str:
 
 def _lr_table(agg: list[dict[str, Any]], several_seeds: bool) -> list[str]:
     lines = [
-        ("| rank | strategy | diverged/failed | val AP50 | final loss | steps to target | clip fraction "
+        ("| rank | strategy | outcome | val AP50 | final loss | steps to target | clip fraction "
          "| median ‖g‖ | wall s | behind the one above? | thresholds |"),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -180,8 +189,8 @@ def _lr_table(agg: list[dict[str, Any]], several_seeds: bool) -> list[str]:
         if a["n"] > 1:
             stt += f" ({a['reached']}/{a['n']})"
         lines.append(
-            f"| {i} | `{a['strategy']}` | {a['bad']}/{a['n']}" + (f" ({a['failed']} failed)" if a["failed"] else "")
-            + f" | {_pm(a['ap50'], a['ap50_sd'])} | {_pm(a['loss'], loss_sd)} | {stt} | {_fmt(a['clip_fraction'], 2)}"
+            f"| {i} | `{a['strategy']}` | {a['outcome']}"
+            f" | {_pm(a['ap50'], a['ap50_sd'])} | {_pm(a['loss'], loss_sd)} | {stt} | {_fmt(a['clip_fraction'], 2)}"
             f" | {_fmt(a['grad_norm_median'], 3)} | {a['wall_s']:.0f} | {a.get('sure', '')} | {a['thresholds']} |"
         )
     return lines
@@ -231,9 +240,10 @@ def render_markdown(config: Config, plan: StudyPlan, rows: list[dict[str, Any]],
          f"autoclip/zclip statistics warmup capped at {plan.warmup_fraction:.0%} of the budget)."),
         (f"- Target loss: {target_rule} = {', '.join(f'{t:g}' for t in targets) or '—'}; reached when the mean "
          f"of the last {plan.window} step losses is at or below it."),
-        (f"- Diverged: a non-finite loss or gradient at any step (the trainer skipped the update), or "
-         f"{plan.max_consecutive_skips} such steps in a row (the run is stopped). Final loss: mean of the last "
-         f"{plan.final_window} steps. Val AP50: the final weights on the val tiles."),
+        (f"- Outcome: *diverged* = a non-finite loss or gradient at any step (the trainer skipped the update; "
+         f"{plan.max_consecutive_skips} in a row stop the run); *unstable* = finite, but the final loss (mean of "
+         f"the last {plan.final_window} steps) is above {m.UNSTABLE_FACTOR:g} × the seed's reference initial loss; *failed* = training "
+         "raised an error; else *ok*. Val AP50: the final weights on the val tiles."),
         (f"- Machine: {', '.join(devices) or 'unknown device'} ({platform.machine()}, {os.cpu_count()} CPU cores); "
          f"training time {sum(_zero(_num(r['wall_s'])) for r in rows) / 60:.1f} min over all runs"
          + (f" (this invocation: {study_wall_s / 60:.1f} min)." if study_wall_s is not None else ".")),
@@ -297,7 +307,7 @@ def plot_curves(plan: StudyPlan, rows: list[dict[str, Any]], curves: dict[str, m
                     warnings.simplefilter("ignore", RuntimeWarning)
                     mean = np.nanmean(grid, axis=0)
                 bad = sum(r["status"] in _BAD for r in runs)
-                label = strategy + (f" ({bad}/{len(runs)} diverged)" if bad else "")
+                label = strategy + (f" ({bad}/{len(runs)} not ok)" if bad else "")
                 ax.plot(np.arange(1, plan.steps + 1), mean, color=c, lw=1.3, label=label)
             for r in runs:  # where a run first produced a non-finite loss or gradient
                 if r["first_nonfinite_step"] is not None:

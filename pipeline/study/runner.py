@@ -25,6 +25,7 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.errors import SatdetError
 from pipeline.files import atomic_write_json
+from pipeline.study import metrics
 from pipeline.study.plan import RunSpec, StudyPlan, config_digest, run_config, thresholds
 
 RESULT = "result.json"
@@ -120,6 +121,9 @@ def run_one(config: Config, plan: StudyPlan, spec: RunSpec, tiles_dir: Path, out
             device=summary["device"],
             error=summary.get("val_error", ""),
         )
+        s = metrics.series(metrics.read_log(run_dir / "train_log.jsonl"))
+        result.update(first_loss=metrics.initial_loss(s, plan.window),
+                      last_loss=metrics.final_loss(s, plan.final_window)[0])
     finally:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # ~3x the weights per run; not needed
         _release_tf()

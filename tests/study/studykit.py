@@ -34,11 +34,13 @@ def boom(config: Any, tiles_dir: Path, model_dir: Path) -> dict[str, Any]:
 
 def fake_train_run(config: Any, tiles_dir: Path, model_dir: Path) -> dict[str, Any]:
     """Stand-in for `runner.train_run` (bookkeeping tests, no TensorFlow): loss 2/step, norm 3; the `agc`
-    run raises."""
+    run raises; the `value` run's loss climbs (1 + step: finite, but a blow-up)."""
     if config.train.clip.strategy == "agc":
         boom(config, tiles_dir, model_dir)
     steps = config.train.steps
-    lines = [{"step": i, "loss": 2.0 / i, "grad_norm_before": 3.0, "grad_norm_after": 3.0} for i in range(1, steps + 1)]
+    climbs = config.train.clip.strategy == "value"
+    lines = [{"step": i, "loss": 1.0 + i if climbs else 2.0 / i, "grad_norm_before": 3.0, "grad_norm_after": 3.0}
+             for i in range(1, steps + 1)]
     (Path(model_dir) / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     return {"step": steps, "stop_reason": "steps", "skipped_steps": 0, "clip_fraction": 0.0,
             "final_loss": 2.0 / steps, "wall_s": 0.1, "val_ap50": 0.25, "val_s": 0.01, "device": "CPU"}
