@@ -58,6 +58,8 @@ class StudyProgress:
             self.bar.update(self.runs, total=info["total"], completed=info["index"])
             self.bar.reset(self.run, total=self.steps, description=spec.run_id, info="")
             self._log = Path(info["log"])
+            if info.get("stale"):
+                self.bar.console.print(f"{spec.run_id}: config or tiles changed since its stored result: training again")
         elif kind == "end":
             self._log = None
             self.bar.advance(self.runs)

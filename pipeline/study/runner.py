@@ -5,7 +5,9 @@ A run trains with the trainer's own `fit` (same step, clipping, telemetry and di
 train`) but skips what a study does not need: no SavedModel export, no best-checkpoint copies, and its
 checkpoints are deleted at the end. Validation AP50 is measured once, on the final weights. Any exception
 inside a run is recorded in its result (status 'failed') and the study goes on; Ctrl-C stops the study.
-A finished run whose config and tiles are unchanged is reused on the next invocation unless `force`.
+A finished run whose config and tiles are unchanged is reused on the next invocation unless `force`; one
+whose config (any field, defaults included) or tiles changed is trained again, replacing the stored one.
+Reuse is keyed on config and tiles, not on code: after changing the trainer or model code, use `force`.
 """
 
 from __future__ import annotations
@@ -180,7 +182,9 @@ def run_study(
     for i, spec in enumerate(runs):
         if on_event:
             log = runs_dir(out_dir) / spec.run_id / "train_log.jsonl"
-            on_event("start", spec, {"index": i, "total": len(runs), "log": log})
+            stored = load_result(out_dir, spec)
+            stale = stored is not None and stored.get("digest") != study_digest(config, plan, spec, tiles_dir)
+            on_event("start", spec, {"index": i, "total": len(runs), "log": log, "stale": stale})
         result = run_or_reuse(config, plan, spec, tiles_dir, out_dir, force)
         if on_event:
             on_event("end", spec, result)
