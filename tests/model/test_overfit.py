@@ -42,7 +42,8 @@ def _voc_ap50(detections, targets, label):
 def test_overfits_synthetic_tiles_to_ap50_above_0_9(tiles, make_config):
     images, targets = tiles
     keras.utils.set_random_seed(0)
-    model = build_detector(make_config(), num_classes=2, bands=3)
+    # P3-P5 (anchors 16-64 px) covers the 16-40 px objects with fewer ops per step than P2-P5.
+    model = build_detector(make_config(min_level=3, anchor_sizes=[16, 32, 64]), num_classes=2, bands=3)
     optimizer = keras.optimizers.Adam(2e-3)
     x = tf.constant(images)
     t = {k: tf.constant(v) for k, v in targets.items()}
@@ -66,4 +67,4 @@ def test_overfits_synthetic_tiles_to_ap50_above_0_9(tiles, make_config):
     assert np.mean(aps) > 0.9, aps
 
 
-STEPS = 120  # AP50 reaches 1.0 after ~80 steps
+STEPS = 90  # AP50 reaches 1.0 after 70-80 steps (checked for model seeds 0-2 and another tile seed)
