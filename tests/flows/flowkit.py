@@ -29,7 +29,9 @@ def tiny_config(runs_dir: Path, scenes: list[dict[str, str]], name: str = "flowt
         "model": {
             "backbone": "tiny",
             "fpn_channels": 16,
-            "anchor_sizes": [8, 16, 32, 64, 128],
+            "min_level": 3,  # P3-P5 only: each level adds ops to every traced graph (train, validation, export)
+            "max_level": 5,
+            "anchor_sizes": [16, 32, 64],
             "rpn_batch_per_image": 32,
             "rpn_pre_nms_top_n_train": 64,
             "rpn_pre_nms_top_n_test": 64,
