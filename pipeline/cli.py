@@ -332,6 +332,9 @@ def experiment_clipping_cmd(
         float, typer.Option("--target-fraction", help="Target loss = this × the initial loss (see report.md).")
     ] = 0.5,
     force: Annotated[bool, typer.Option("--force", help="Re-run runs that already have a result.")] = False,
+    report_only: Annotated[
+        bool, typer.Option("--report-only", help="Train nothing: rewrite the report from the stored runs.")
+    ] = False,
 ) -> None:
     """Train once per (strategy, learning rate, seed) on the same tiles and step budget; writes run_dir/study/
     (results.csv, report.md, curves.png). Tiles first if run_dir/tiles is missing."""
@@ -348,16 +351,21 @@ def experiment_clipping_cmd(
         steps=steps,
         target_fraction=target_fraction,
     )
-    tiles = cfg.run_dir / "tiles"
+    tiles, study = cfg.run_dir / "tiles", cfg.run_dir / "study"
+    if report_only:
+        out = run_study(cfg, tiles, study, plan, report_only=True)
+        for name in ("results.csv", "report.md", "curves.png"):
+            typer.echo(f"{name}: {out / name}")
+        return
     if not (tiles / "stats.json").exists():
         from pipeline.geo.tiling import run_tiling
 
         typer.echo(f"no tiles in {tiles}: tiling first")
         run_tiling(cfg, tiles)
     save_config(cfg, cfg.run_dir / "config.yaml")
-    typer.echo(f"{len(plan.runs())} runs × {steps} steps → {cfg.run_dir / 'study'}")
+    typer.echo(f"{len(plan.runs())} runs × {steps} steps → {study}")
     with StudyProgress(steps) as progress:
-        out = run_study(cfg, tiles, cfg.run_dir / "study", plan, force=force, on_event=progress)
+        out = run_study(cfg, tiles, study, plan, force=force, on_event=progress)
     for name in ("results.csv", "report.md", "curves.png"):
         typer.echo(f"{name}: {out / name}")
 

@@ -94,6 +94,13 @@ def steps_to_target(s: Series, target: float, window: int) -> int | None:
     return int(s.steps[hits[0]]) if len(hits) else None
 
 
+def peak_loss(s: Series, window: int) -> float:
+    """Highest finite trailing `window`-step mean loss (a transient blow-up that later recovered shows here)."""
+    smooth = trailing_mean(s.loss, window)
+    smooth = smooth[np.isfinite(smooth)]
+    return float(smooth.max()) if len(smooth) else math.nan
+
+
 def final_loss(s: Series, window: int) -> tuple[float, float]:
     """(mean, standard error) of the loss over the last `window` steps; NaN when one is non-finite.
 

@@ -2,7 +2,7 @@
 and curves.png (loss and gradient-norm curves per strategy), all written atomically into the study folder.
 
 Ranking, within one learning rate: strategies whose runs were all 'ok' first (then by the share of seeds
-that were unstable, diverged or failed), then by mean validation AP50 compared at 0.01 resolution (so
+that were unstable, diverged or failed, then by the share that diverged or failed), then by mean validation AP50 compared at 0.01 resolution (so
 near-zero APs early in training tie), then by mean final loss (lower is better). Outcomes are defined in
 pipeline/study/metrics.py.
 """
@@ -29,7 +29,8 @@ from pipeline.study.runner import load_result, runs_dir
 
 COLUMNS = (
     "run", "strategy", "lr", "seed", "status", "stop_reason", "steps_done", "skipped_steps",
-    "first_nonfinite_step", "initial_loss", "target_loss", "steps_to_target", "final_loss", "final_loss_sem",
+    "first_nonfinite_step", "initial_loss", "target_loss", "steps_to_target", "peak_loss", "final_loss",
+    "final_loss_sem",
     "val_ap50", "clip_fraction", "grad_norm_median", "grad_norm_p90", "grad_norm_max", "thresholds",
     "train_s", "wall_s", "device", "error",
 )
@@ -61,6 +62,7 @@ def collect_rows(plan: StudyPlan, out_dir: Path) -> tuple[list[dict[str, Any]], 
             initial_loss=initial[spec.run_id],
             target_loss=target,
             steps_to_target=m.steps_to_target(s, target, plan.window),
+            peak_loss=m.peak_loss(s, plan.window),
             final_loss=final,
             final_loss_sem=sem,
             grad_norm_median=median,
@@ -118,6 +120,7 @@ def aggregate(rows: list[dict[str, Any]], lr: float, strategies: tuple[str, ...]
             "strategy": strategy,
             "n": len(group),
             "bad": sum(r["status"] in _BAD for r in group),
+            "lost": sum(r["status"] in ("diverged", "failed") for r in group),
             "outcome": _outcome(group),
             "ap50": ap, "ap50_sd": ap_sd,
             "loss": loss, "loss_sd": loss_sd,
@@ -131,6 +134,7 @@ def aggregate(rows: list[dict[str, Any]], lr: float, strategies: tuple[str, ...]
         })
     out.sort(key=lambda a: (
         a["bad"] / a["n"],
+        a["lost"] / a["n"],
         -round(a["ap50"], 2) if math.isfinite(a["ap50"]) else math.inf,
         a["loss"] if math.isfinite(a["loss"]) else math.inf,
     ))
@@ -149,7 +153,7 @@ def _outcome(group: list[dict[str, Any]]) -> str:
 
 def _separated(above: dict[str, Any], below: dict[str, Any]) -> str:
     """Is `below` really behind `above`? 'yes', 'no' (within the spread) or 'untested' (one seed)."""
-    if above["bad"] / above["n"] != below["bad"] / below["n"]:
+    if (above["bad"] / above["n"], above["lost"] / above["n"]) != (below["bad"] / below["n"], below["lost"] / below["n"]):
         return "yes"
     if math.isfinite(above["ap50"]) and math.isfinite(below["ap50"]) and round(above["ap50"], 2) != round(
             below["ap50"], 2):
@@ -174,7 +178,8 @@ def _zero(v: float) -> float:
 def _pm(mean: float, sd: float, digits: int = 3) -> str:
     if not math.isfinite(mean):
         return "—"
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}" if math.isfinite(sd) else f"{mean:.{digits}f}"
+    spec = f".{digits}f" if abs(mean) < 1e3 else ".3g"
+    return f"{mean:{spec}} ± {sd:{spec}}" if math.isfinite(sd) else f"{mean:{spec}}"
 
 
 def _lr_table(agg: list[dict[str, Any]], several_seeds: bool) -> list[str]:

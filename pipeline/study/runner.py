@@ -170,12 +170,20 @@ def run_study(
     plan: StudyPlan,
     *,
     force: bool = False,
+    report_only: bool = False,
     on_event: EventFn | None = None,
 ) -> Path:
-    """Run every run of `plan` on `tiles_dir` and write the report into `out_dir`; returns `out_dir`."""
+    """Run every run of `plan` on `tiles_dir` and write the report into `out_dir`; returns `out_dir`.
+
+    `report_only`: train nothing; rewrite the report from the stored results (runs without one are left out).
+    """
     from pipeline.study.report import write_report
 
     tiles_dir, out_dir = Path(tiles_dir), Path(out_dir)
+    if report_only:
+        if not runs_dir(out_dir).is_dir():
+            raise SatdetError(f"{out_dir}: no study runs to report on; run the study first")
+        return write_report(config, plan, out_dir)
     check_tiles(tiles_dir)
     runs = plan.runs()
     t0 = time.monotonic()

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.study import runner
 
-from .studykit import fake_train_run, tiny_config, write_config
+from .studykit import boom, fake_train_run, tiny_config, write_config
 
 
 def test_cli_tiles_then_runs_the_study_and_names_its_outputs(tmp_path, study_scenes, monkeypatch):
@@ -32,6 +32,18 @@ def test_cli_tiles_then_runs_the_study_and_names_its_outputs(tmp_path, study_sce
         ["none-lr0.01-s0", "global_norm-lr0.01-s0", "none-lr0.1-s0", "global_norm-lr0.1-s0"])
     assert {r["thresholds"] for r in rows if r["strategy"] == "global_norm"} == {"clip_norm=2.5"}  # --set reached it
     assert "none-lr0.1-s0: ok" in result.output  # one line per finished run
+
+    # --report-only trains nothing and rewrites the report, here with another target rule
+    monkeypatch.setattr(runner, "train_run", boom)
+    again = CliRunner().invoke(app, [
+        "experiment", "clipping", str(cfg), "--strategies", "none,global_norm", "--lrs", "0.01,0.1",
+        "--steps", "10", "--target-fraction", "0.9", "--report-only",
+    ])
+    assert again.exit_code == 0, again.output
+    with (study / "results.csv").open(newline="") as fh:
+        rerendered = list(csv.DictReader(fh))
+    assert [r["status"] for r in rerendered] == [r["status"] for r in rows]  # nothing re-ran (boom would fail)
+    assert float(rerendered[0]["target_loss"]) > float(rows[0]["target_loss"])
 
 
 def test_cli_bad_options_are_one_line_errors(tmp_path, study_scenes):

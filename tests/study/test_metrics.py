@@ -66,3 +66,10 @@ def test_the_plan_runs_every_combination_once():
     plan = StudyPlan(strategies=("none", "agc"), lrs=(0.02, 0.2), seeds=(0, 1))
     ids = [r.run_id for r in plan.runs()]
     assert len(ids) == len(set(ids)) == 8 and ids[0] == "none-lr0.02-s0" and ids[-1] == "agc-lr0.2-s1"
+
+
+def test_peak_loss_catches_a_blow_up_that_recovered():
+    s = _series([1.0, 1.0, 50.0, 70.0, 1.0, 1.0])
+    assert m.peak_loss(s, window=2) == pytest.approx(60.0)
+    assert m.blew_up(m.final_loss(s, 2)[0], 1.0) is False  # recovered: not 'unstable'
+    assert m.blew_up(1.6, 1.0) and not m.blew_up(1.4, 1.0) and not m.blew_up(math.nan, 1.0)
