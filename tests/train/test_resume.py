@@ -17,20 +17,27 @@ from pipeline.train.telemetry import read_log
 
 HERE = Path(__file__).parent
 
-# A real training process (see standin.resume_run), killed and resumed from the command line.
+# A real training process (see standin.resume_run), killed and resumed from the command line. With
+# "wait", it imports TensorFlow and the trainer first, then starts only once a line arrives on stdin: the
+# resumed process starts up while the first one trains, and begins training after the kill.
 SCRIPT = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
+import pipeline.train.loop
 from standin import resume_run
+if sys.argv[5] == "wait":
+    sys.stdin.readline()
 resume_run(sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]))
 """
 
 
-def _run(model_dir: Path, resume: bool, slow_after: int) -> subprocess.Popen:
+def _run(model_dir: Path, resume: bool, slow_after: int, wait: bool = False) -> subprocess.Popen:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(HERE.parents[1]))
+    args = [str(HERE), str(model_dir), "1" if resume else "0", str(slow_after), "wait" if wait else "go"]
     return subprocess.Popen(
-        [sys.executable, "-c", SCRIPT, str(HERE), str(model_dir), "1" if resume else "0", str(slow_after)],
+        [sys.executable, "-c", SCRIPT, *args],
         env=env,
+        stdin=subprocess.PIPE if wait else None,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -45,21 +52,30 @@ def _finish(proc: subprocess.Popen) -> None:
 def test_kill9_then_resume_matches_uninterrupted_run(tmp_path):
     resumed, reference = tmp_path / "resumed", tmp_path / "reference"
     proc = _run(resumed, resume=False, slow_after=12)
-    index = resumed / "checkpoints" / "checkpoint"
-    deadline = time.monotonic() + 240
-    while not (index.exists() and "ckpt-10" in index.read_text()):
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.monotonic() < deadline, "no step-10 checkpoint in time"
-        time.sleep(0.2)
-    time.sleep(0.5)  # let it run into the hanging input pipeline
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (resumed / "final.npz").exists()
+    resume = _run(resumed, resume=True, slow_after=-1, wait=True)  # starts up now, trains after the kill
+    try:
+        index = resumed / "checkpoints" / "checkpoint"
+        deadline = time.monotonic() + 240
+        while not (index.exists() and "ckpt-10" in index.read_text()):
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "no step-10 checkpoint in time"
+            time.sleep(0.2)
+        time.sleep(0.5)  # let it run into the hanging input pipeline
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert proc.returncode == -signal.SIGKILL
+        assert not (resumed / "final.npz").exists()
 
-    resume = _run(resumed, resume=True, slow_after=-1)
-    resume_run(str(reference), resume=False)  # the uninterrupted 20 steps, in this process meanwhile
-    _finish(resume)
+        assert resume.poll() is None, resume.stderr.read()[-3000:]
+        resume.stdin.write("go\n")
+        resume.stdin.flush()
+        resume_run(str(reference), resume=False)  # the uninterrupted 20 steps, in this process meanwhile
+        _finish(resume)
+    finally:
+        for p in (proc, resume):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
     a, b = np.load(resumed / "final.npz"), np.load(reference / "final.npz")
     assert len(a.files) == len(b.files) > 0
