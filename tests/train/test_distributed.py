@@ -4,10 +4,12 @@ must be configured before TensorFlow initialises."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -62,22 +64,42 @@ print(json.dumps(results))
 
 
 STRATEGIES = ("global_norm", "agc", "zclip")
+_run: dict = {}
+
+
+def start_in_background() -> None:
+    """Start the subprocess (once). tests/train/conftest.py calls this as soon as collection finishes, so its
+    ~10 s of TensorFlow start-up and tracing overlap the tests that run before this module."""
+    if _run:
+        return
+    here = Path(__file__).parent
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(here.parents[1]))
+    # Files, not pipes: nobody reads the output until the fixture runs. The fixture closes them.
+    _run["out"], _run["err"] = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115
+    _run["proc"] = proc = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, str(here), ",".join(STRATEGIES)],
+        stdout=_run["out"],
+        stderr=_run["err"],
+        text=True,
+        env=env,
+    )
+    atexit.register(lambda: proc.poll() is None and proc.kill())  # a session that ends before the fixture
 
 
 @pytest.fixture(scope="module")
 def results():
-    here = Path(__file__).parent
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(here.parents[1]))
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(here), ",".join(STRATEGIES)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=400,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    start_in_background()
+    proc = _run["proc"]
+    with _run["out"] as out, _run["err"] as err:
+        try:
+            proc.wait(timeout=400)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        out.seek(0)
+        err.seek(0)
+        assert proc.returncode == 0, err.read()[-3000:]
+        return json.loads(out.read().strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
