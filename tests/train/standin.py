@@ -114,7 +114,7 @@ def resume_run(model_dir: str, resume: bool, slow_after: int = -1) -> list[np.nd
 
     def hang(i):
         if i >= slow_after:
-            time.sleep(600)
+            time.sleep(3600)  # the test may start this process long before it kills it
         return i
 
     def data(start: int) -> tf.data.Dataset:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,8 +21,7 @@ from pipeline.train.telemetry import read_log
 HERE = Path(__file__).parent
 
 # A real training process (see standin.resume_run), killed and resumed from the command line. With
-# "wait", it imports TensorFlow and the trainer first, then starts only once a line arrives on stdin: the
-# resumed process starts up while the first one trains, and begins training after the kill.
+# "wait", it imports TensorFlow and the trainer first, then starts only once a line arrives on stdin.
 SCRIPT = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
@@ -34,30 +36,59 @@ resume_run(sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]))
 def _run(model_dir: Path, resume: bool, slow_after: int, wait: bool = False) -> subprocess.Popen:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(HERE.parents[1]))
     args = [str(HERE), str(model_dir), "1" if resume else "0", str(slow_after), "wait" if wait else "go"]
-    return subprocess.Popen(
+    # stderr to a file, not a pipe: the process may run long before anyone reads it (closed by _stop_early).
+    err = tempfile.TemporaryFile("w+")  # noqa: SIM115
+    proc = subprocess.Popen(
         [sys.executable, "-c", SCRIPT, *args],
         env=env,
-        stdin=subprocess.PIPE if wait else None,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdin=subprocess.PIPE if wait else subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=err,
         text=True,
     )
+    proc.err_file = err
+    return proc
 
 
-def _finish(proc: subprocess.Popen) -> None:
-    _out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
+def _stderr(proc: subprocess.Popen) -> str:
+    proc.err_file.seek(0)
+    return proc.err_file.read()[-3000:]
+
+
+_early: dict = {}
+
+
+def start_in_background() -> None:
+    """Start both processes (once): the first trains into its step-10 checkpoint and then hangs, the second
+    imports TensorFlow and waits for the go to resume. tests/train/conftest.py calls this as soon as
+    collection finishes, so their start-up and first 12 steps overlap the tests that run before this one."""
+    if _early:
+        return
+    root = Path(tempfile.mkdtemp(prefix="satdet-resume-test-"))
+    resumed = root / "resumed"
+    _early.update(root=root, resumed=resumed, first=_run(resumed, resume=False, slow_after=12),
+                  second=_run(resumed, resume=True, slow_after=-1, wait=True))
+    atexit.register(_stop_early)
+
+
+def _stop_early() -> None:
+    for proc in (_early["first"], _early["second"]):
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.err_file.close()
+    shutil.rmtree(_early["root"], ignore_errors=True)
 
 
 def test_kill9_then_resume_matches_uninterrupted_run(tmp_path):
-    resumed, reference = tmp_path / "resumed", tmp_path / "reference"
-    proc = _run(resumed, resume=False, slow_after=12)
-    resume = _run(resumed, resume=True, slow_after=-1, wait=True)  # starts up now, trains after the kill
+    start_in_background()
+    resumed, reference = _early["resumed"], tmp_path / "reference"
+    proc, resume = _early["first"], _early["second"]
     try:
         index = resumed / "checkpoints" / "checkpoint"
         deadline = time.monotonic() + 240
         while not (index.exists() and "ckpt-10" in index.read_text()):
-            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert proc.poll() is None, _stderr(proc)
             assert time.monotonic() < deadline, "no step-10 checkpoint in time"
             time.sleep(0.2)
         time.sleep(0.5)  # let it run into the hanging input pipeline
@@ -66,11 +97,12 @@ def test_kill9_then_resume_matches_uninterrupted_run(tmp_path):
         assert proc.returncode == -signal.SIGKILL
         assert not (resumed / "final.npz").exists()
 
-        assert resume.poll() is None, resume.stderr.read()[-3000:]
+        assert resume.poll() is None, _stderr(resume)
         resume.stdin.write("go\n")
-        resume.stdin.flush()
+        resume.stdin.close()
         resume_run(str(reference), resume=False)  # the uninterrupted 20 steps, in this process meanwhile
-        _finish(resume)
+        resume.wait(timeout=300)
+        assert resume.returncode == 0, _stderr(resume)
     finally:
         for p in (proc, resume):
             if p.poll() is None:
