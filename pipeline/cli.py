@@ -9,8 +9,9 @@ from __future__ import annotations
 import functools
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -29,7 +30,7 @@ app = typer.Typer(
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config file.", exists=False)]
 SetOpt = Annotated[
-    Optional[list[str]], typer.Option("--set", "-s", help="Override a config value: section.key=value (repeatable).")
+    list[str] | None, typer.Option("--set", "-s", help="Override a config value: section.key=value (repeatable).")
 ]
 
 
@@ -194,13 +195,13 @@ def predict_cmd(
     model_dir: Annotated[Path, typer.Argument(help="Run's model/ folder or its export/ folder.")],
     scenes: Annotated[list[Path], typer.Argument(help="Scene rasters (any size; GDAL paths/URLs work).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output file (.geojson/.gpkg) or folder (one file per scene).")],
-    score_threshold: Annotated[Optional[float], typer.Option("--score-threshold", min=0, max=1, help="Minimum score written.")] = None,
-    tile: Annotated[Optional[int], typer.Option("--tile", min=1, help="Window size (px); default: the model's tile size.")] = None,
-    overlap: Annotated[Optional[int], typer.Option("--overlap", min=0, help="Window overlap (px).")] = None,
-    batch: Annotated[Optional[int], typer.Option("--batch", min=1, help="Windows per inference batch.")] = None,
-    fmt: Annotated[Optional[str], typer.Option("--format", help="geojson (EPSG:4326) or gpkg (scene CRS).")] = None,
+    score_threshold: Annotated[float | None, typer.Option("--score-threshold", min=0, max=1, help="Minimum score written.")] = None,
+    tile: Annotated[int | None, typer.Option("--tile", min=1, help="Window size (px); default: the model's tile size.")] = None,
+    overlap: Annotated[int | None, typer.Option("--overlap", min=0, help="Window overlap (px).")] = None,
+    batch: Annotated[int | None, typer.Option("--batch", min=1, help="Windows per inference batch.")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="geojson (EPSG:4326) or gpkg (scene CRS).")] = None,
     per_scene: Annotated[bool, typer.Option("--per-scene", help="One file per scene; --out is a folder.")] = False,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Config whose `predict:` section to start from.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="Config whose `predict:` section to start from.")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Detect objects in whole scenes with an exported model; write GeoJSON / GeoPackage with label, score, scene."""

@@ -137,7 +137,7 @@ def _prf_at_best_f1(evaluator: Any, t: int, n_images: int, n_classes: int) -> di
     tp = np.concatenate(tps) if tps else np.zeros(0, bool)
     if n_gt == 0:
         return {"precision": -1.0, "recall": -1.0, "f1": -1.0, "score_threshold": -1.0,
-                "tp": 0, "fp": int(len(s)), "fn": 0}
+                "tp": 0, "fp": len(s), "fn": 0}
     if len(s) == 0:
         return {"precision": 0.0, "recall": 0.0, "f1": 0.0, "score_threshold": -1.0, "tp": 0, "fp": 0, "fn": n_gt}
     order = np.argsort(-s, kind="mergesort")

@@ -46,13 +46,13 @@ def render_report(metrics: dict[str, Any], config: Config) -> str:
     lines = [
         f"# Evaluation: {config.name}",
         "",
-        f"Split **{metrics['split']}**: {metrics['n_scenes']} scene(s), {metrics['n_blocks']} block(s) "
-        f"predicted whole (scene level); {metrics['n_tiles']} tile(s) (tile level). Model: `{metrics['model']}`.",
+        (f"Split **{metrics['split']}**: {metrics['n_scenes']} scene(s), {metrics['n_blocks']} block(s) "
+        f"predicted whole (scene level); {metrics['n_tiles']} tile(s) (tile level). Model: `{metrics['model']}`."),
         "",
-        "Scene level is what `satdet predict` delivers: windows with overlap, seam rule, nodata suppression and "
+        ("Scene level is what `satdet predict` delivers: windows with overlap, seam rule, nodata suppression and "
         f"{config.predict.merge.upper()} merge (IoU {config.predict.merge_iou}). COCO numbers are pycocotools' "
         f"at maxDets={config.evaluate.max_dets} per image (block or tile) and class; size buckets by "
-        "ground-truth area in px² (small < 32², medium < 96², large ≥ 96²); n/a = no ground truth there.",
+        "ground-truth area in px² (small < 32², medium < 96², large ≥ 96²); n/a = no ground truth there."),
         "",
         "## Summary",
         "",

@@ -164,8 +164,9 @@ def check_scene(ds: Any, path: str | Path, info: dict[str, Any]) -> list[int]:
 def _read_batches(path: str, windows: Sequence[_Window], bands: list[int], size: int, batch: int,
                   out: queue.Queue, stop: threading.Event) -> None:
     """Reader thread: (images, nodata masks, windows) per batch, then None. Errors are forwarded."""
-    from pipeline.geo.raster import nodata_mask, open_raster
     from rasterio.windows import Window
+
+    from pipeline.geo.raster import nodata_mask, open_raster
 
     try:
         with open_raster(path) as ds:
@@ -406,7 +407,7 @@ class _progress_bar:
 
         return update
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._progress is not None:
             self._progress.stop()
 

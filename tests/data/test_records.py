@@ -48,7 +48,7 @@ def test_uint16_png_round_trips_and_odd_band_counts_stay_raw() -> None:
     assert _format(encode_tile(five, np.zeros((0, 4)), [], "t", "s", "png")) == b"raw"
 
 
-def test_record_writer_framing_is_read_by_tf_data_with_mixed_encodings(tmp_path) -> None:  # noqa: ANN001
+def test_record_writer_framing_is_read_by_tf_data_with_mixed_encodings(tmp_path) -> None:
     rng = np.random.default_rng(5)
     images = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(3)]
     path = tmp_path / "mixed.tfrecord"
