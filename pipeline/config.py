@@ -158,7 +158,7 @@ class ModelConfig(_Section):
     )
     nms_impl: Literal["auto", "greedy", "padded"] = Field(
         "auto",
-        description="NMS kernel: 'greedy' (C++ per image, fast on CPU, no XLA), 'padded' (batched, XLA-compatible); "
+        description="NMS kernel: 'greedy' (C++ per image, the CPU path), 'padded' (batched, for XLA); "
         "'auto' = padded when a GPU is visible. Use 'padded' with train.jit_compile=true on CPU.",
     )
     seed: int = Field(0, description="Seed of the anchor/ROI sampling RNG (its state is saved with the weights).")

@@ -56,9 +56,9 @@ def test_losses_are_finite_scalars_including_an_image_without_boxes(tiles, make_
 
 def test_xla_compiled_train_step_runs_on_cpu_and_moves_weights(tiles, make_config):
     images, targets = tiles
-    # crop_and_resize has no XLA kernel: the gather ROIAlign is the XLA path. XLA compile time grows with the
+    # run_training with jit_compile picks the XLA-friendly kernels (gather ROIAlign, padded NMS): test those. XLA compile time grows with the
     # number of ops, not their sizes: three levels (P3-P5) and one image keep it short.
-    cfg = make_config(roi_align_impl="gather", fpn_channels=16, head_dim=32, min_level=3, anchor_sizes=[16, 32, 64],
+    cfg = make_config(roi_align_impl="gather", nms_impl="padded", fpn_channels=16, head_dim=32, min_level=3, anchor_sizes=[16, 32, 64],
                       rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50, roi_batch_per_image=32)
     model = build_detector(cfg, num_classes=2, bands=3)
     before = [v.numpy().copy() for v in model.trainable_variables]
