@@ -41,27 +41,15 @@ def runs_dir(out_dir: Path) -> Path:
 
 def train_run(config: Config, tiles_dir: Path, model_dir: Path) -> dict[str, Any]:
     """Train one run (no export) and score the final weights on the val split; returns fit's summary plus
-    `val_ap50`. Mirrors `run_training`'s model set-up, so a study run trains exactly like `satdet train`."""
-    import keras
+    `val_ap50`. The model is built by `build_for_training`, as in `satdet train`."""
 
     from pipeline.data.dataset import build_dataset, explain_data_error
     from pipeline.data.stats import load_stats
-    from pipeline.model.detector import build_detector
-    from pipeline.train.loop import _agc_exempt_variables, choose_strategy, fit
+    from pipeline.train.loop import build_for_training, fit
     from pipeline.train.validation import make_predict_fn, validation_ap50
 
     stats = load_stats(tiles_dir)
-    keras.utils.set_random_seed(config.seed)
-    strategy = choose_strategy(config.train.distribute)
-    model_cfg = config.model
-    if config.train.jit_compile:  # as run_training: XLA needs the padded NMS and gather ROIAlign
-        model_cfg = model_cfg.model_copy(update={
-            k: v for k, v in {"nms_impl": "padded", "roi_align_impl": "gather"}.items()
-            if getattr(model_cfg, k) == "auto"
-        })
-    with strategy.scope():
-        model = build_detector(model_cfg, len(config.classes), int(stats["channels"]))
-    exempt = [str(getattr(v, "path", v.name)) for v in _agc_exempt_variables(model)]
+    model, strategy, exempt = build_for_training(config, int(stats["channels"]))
     summary = fit(
         model,
         lambda start: build_dataset(tiles_dir, "train", config, training=True, start_batch=start),

@@ -448,6 +448,25 @@ def _evaluate(
     return bool(patience) and int(state.evals_since_best.numpy()) >= patience
 
 
+def build_for_training(config: Config, channels: int) -> tuple[keras.Model, tf.distribute.Strategy, list[str]]:
+    """Seed, pick the distribution strategy and build the detector in its scope; returns (model, strategy,
+    paths of the variables AGC leaves unclipped). With `train.jit_compile`, 'auto' kernels resolve to the
+    XLA-compatible ones (padded NMS, gather ROIAlign) even on a CPU."""
+    from pipeline.model.detector import build_detector
+
+    keras.utils.set_random_seed(config.seed)
+    strategy = choose_strategy(config.train.distribute)
+    model_cfg = config.model
+    if config.train.jit_compile:
+        model_cfg = model_cfg.model_copy(update={
+            k: v for k, v in {"nms_impl": "padded", "roi_align_impl": "gather"}.items() if getattr(model_cfg, k) == "auto"
+        })
+    with strategy.scope():
+        model = build_detector(model_cfg, len(config.classes), channels)
+    exempt = [str(getattr(v, "path", v.name)) for v in _agc_exempt_variables(model)]
+    return model, strategy, exempt
+
+
 def run_training(config: Config, tiles_dir: Path, model_dir: Path, resume: bool = False) -> Path:
     """Train the detector on `tiles_dir` per `config.train`; returns `model_dir`, which then holds
     checkpoints/, tensorboard/, train_log.jsonl, best/ (when there is a val split), train_summary.json and
@@ -455,21 +474,11 @@ def run_training(config: Config, tiles_dir: Path, model_dir: Path, resume: bool 
     from pipeline.data.dataset import build_dataset, explain_data_error, tile_count
     from pipeline.data.stats import load_stats
     from pipeline.files import atomic_write_json
-    from pipeline.model.detector import build_detector
     from pipeline.model.export import export_model
 
     tiles_dir, model_dir = Path(tiles_dir), Path(model_dir)
     stats = load_stats(tiles_dir)
-    keras.utils.set_random_seed(config.seed)
-    strategy = choose_strategy(config.train.distribute)
-    model_cfg = config.model
-    if config.train.jit_compile:  # XLA has no kernels for the CPU-fast NMS/ROIAlign: 'auto' picks the XLA ones
-        model_cfg = model_cfg.model_copy(update={
-            k: v for k, v in {"nms_impl": "padded", "roi_align_impl": "gather"}.items() if getattr(model_cfg, k) == "auto"
-        })
-    with strategy.scope():
-        model = build_detector(model_cfg, len(config.classes), int(stats["channels"]))
-    exempt = [str(getattr(v, "path", v.name)) for v in _agc_exempt_variables(model)]
+    model, strategy, exempt = build_for_training(config, int(stats["channels"]))
     evaluate_fn = None
     if tile_count(tiles_dir, "val") > 0:
         val = build_dataset(tiles_dir, "val", config, training=False)
