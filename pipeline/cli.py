@@ -355,18 +355,16 @@ def experiment_clipping_cmd(
     tiles, study = cfg.run_dir / "tiles", cfg.run_dir / "study"
     if report_only:
         out = run_study(cfg, tiles, study, plan, report_only=True)
-        for name in ("results.csv", "report.md", "curves.png"):
-            typer.echo(f"{name}: {out / name}")
-        return
-    if not (tiles / "stats.json").exists():
-        from pipeline.geo.tiling import run_tiling
+    else:
+        if not (tiles / "stats.json").exists():
+            from pipeline.geo.tiling import run_tiling
 
-        typer.echo(f"no tiles in {tiles}: tiling first")
-        run_tiling(cfg, tiles)
-    save_config(cfg, cfg.run_dir / "config.yaml")
-    typer.echo(f"{len(plan.runs())} runs × {steps} steps → {study}")
-    with StudyProgress(steps) as progress:
-        out = run_study(cfg, tiles, study, plan, force=force, on_event=progress)
+            typer.echo(f"no tiles in {tiles}: tiling first")
+            run_tiling(cfg, tiles)
+        save_config(cfg, cfg.run_dir / "config.yaml")
+        typer.echo(f"{len(plan.runs())} runs × {steps} steps → {study}")
+        with StudyProgress(steps) as progress:
+            out = run_study(cfg, tiles, study, plan, force=force, on_event=progress)
     for name in ("results.csv", "report.md", "curves.png"):
         typer.echo(f"{name}: {out / name}")
 
