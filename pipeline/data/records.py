@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, Self
 
+import google_crc32c
 import numpy as np
 
 from pipeline.errors import SatdetError
@@ -164,8 +165,6 @@ def encode_tile(
 
 # ------------------------------------------------------------------------------- TFRecord framing
 def _masked_crc(chunks: Sequence[bytes]) -> bytes:
-    import google_crc32c
-
     crc = 0
     for chunk in chunks:
         crc = google_crc32c.extend(crc, chunk)
