@@ -104,7 +104,7 @@ def plot_examples(blocks: list[Any], config: Config, path: Path, score_threshold
             ax.add_patch(Rectangle(box[:2], box[2] - box[0], box[3] - box[1], fill=False, ec="lime", lw=1.0))
         ax.set_xlim(x0, x0 + w)
         ax.set_ylim(y0 + h, y0)
-        ax.set_title(f"{b.scene} @ ({x0}, {y0}): {int(keep.sum())} det, {len(b.gt_boxes)} GT", fontsize=9)
+        ax.set_title(f"{b.scene}\n@ ({x0}, {y0}): {int(keep.sum())} det, {len(b.gt_boxes)} GT", fontsize=8)  # long names wrap
     fig.suptitle(f"green: detections (score ≥ {score_threshold:.2f}), red: ground truth", fontsize=10)
     _save(fig, path)
     plt.close(fig)
