@@ -18,6 +18,7 @@ never pay it. Reading (`parse_tile`, `decode_tile_numpy`) uses TensorFlow.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,7 +53,12 @@ def uses_png(dtype: str, channels: int, encoding: str = "raw") -> bool:
 # tf.train.Example { Features features = 1 }; Features { map<string, Feature> feature = 1 };
 # Feature { oneof: BytesList bytes_list = 1; FloatList float_list = 2; Int64List int64_list = 3 };
 # each list is `repeated <type> value = 1` (numbers packed). Length-delimited fields are tag, length, payload.
+_SMALL_VARINTS = [bytes((i,)) for i in range(0x80)]
+
+
 def _varint(n: int) -> bytes:
+    if 0 <= n < 0x80:
+        return _SMALL_VARINTS[n]
     n &= (1 << 64) - 1  # negative int64 as two's complement, like protobuf
     out = bytearray()
     while n > 0x7F:
@@ -79,20 +85,39 @@ def _float_feature(values: np.ndarray) -> list[bytes]:
     return [_field(2, sum(map(len, inner))), *inner]
 
 
-def _int64_feature(values: Sequence[int]) -> list[bytes]:
-    data = b"".join(_varint(int(v)) for v in values)
+def _int64_feature(values: Sequence[int] | np.ndarray) -> list[bytes]:
+    arr = np.asarray(values, np.int64).reshape(-1)
+    if len(arr) and 0 <= arr.min() and arr.max() < 0x80:
+        data = arr.astype(np.uint8).tobytes()  # one byte per varint: the usual case (class ids)
+    else:
+        data = b"".join(_varint(int(v)) for v in arr.tolist())
     inner = [_field(1, len(data)), data] if data else []
     return [_field(3, sum(map(len, inner))), *inner]
 
 
-def _example(features: dict[str, list[bytes]]) -> list[bytes]:
-    """Chunks of a serialised tf.train.Example (joined, they are the record; the big image stays one chunk)."""
-    body: list[bytes] = []
-    for key, value in features.items():
-        k = key.encode()
-        entry = [_field(1, len(k)), k, _field(2, sum(map(len, value))), *value]  # map entry {key, value}
-        body += [_field(1, sum(map(len, entry))), *entry]  # Features.feature
-    return [_field(1, sum(map(len, body))), *body]  # Example.features
+def _entry(key: str, feature: list[bytes]) -> list[bytes]:
+    """One Features.feature map entry {key, value} as chunks."""
+    k = key.encode()
+    n = sum(map(len, feature))
+    head = _field(1, len(k)) + k + _field(2, n)
+    return [_field(1, len(head) + n) + head, *feature]
+
+
+@functools.lru_cache(maxsize=512)
+def _const_entry(key: str, value: bytes | int) -> bytes:
+    """A whole map entry whose value repeats from tile to tile (format, sizes, dtype, scene), built once."""
+    feature = _int64_feature([value]) if isinstance(value, int) else _bytes_feature(value)
+    return b"".join(_entry(key, feature))
+
+
+def _example(image_entry: list[bytes], small: list[bytes]) -> list[bytes]:
+    """A serialised tf.train.Example as [head, image bytes, tail] (joined, they are the record): the image
+    entry's chunks end with the big image; the other entries are joined into the tail, so a writer makes
+    three calls per record and the image is never copied again."""
+    tail = b"".join(small)
+    *head, image = image_entry
+    n = sum(map(len, head)) + len(image) + len(tail)
+    return [_field(1, n) + b"".join(head), image, tail]  # Example.features
 
 
 # ------------------------------------------------------------------------------- encoding
@@ -139,18 +164,17 @@ def encode_tile_chunks(
         encoded, fmt = _png(image), b"png"
     else:  # tobytes copies a strided view into C order once; byte-swap only for big-endian input
         encoded, fmt = image.astype(image.dtype.newbyteorder("<"), copy=False).tobytes(), b"raw"
-    return _example({
-        "image/encoded": _bytes_feature(encoded),
-        "image/format": _bytes_feature(fmt),
-        "image/height": _int64_feature([h]),
-        "image/width": _int64_feature([w]),
-        "image/channels": _int64_feature([c]),
-        "image/dtype": _bytes_feature(dtype.encode()),
-        "boxes": _float_feature(boxes),
-        "labels": _int64_feature(labels.tolist()),
-        "tile/id": _bytes_feature(tile_id.encode()),
-        "tile/scene": _bytes_feature(scene.encode()),
-    })
+    return _example(_entry("image/encoded", _bytes_feature(encoded)), [
+        _const_entry("image/format", fmt),
+        _const_entry("image/height", h),
+        _const_entry("image/width", w),
+        _const_entry("image/channels", c),
+        _const_entry("image/dtype", dtype.encode()),
+        *_entry("boxes", _float_feature(boxes)),
+        *_entry("labels", _int64_feature(labels)),
+        *_entry("tile/id", _bytes_feature(tile_id.encode())),
+        _const_entry("tile/scene", scene.encode()),
+    ])
 
 
 def encode_tile(

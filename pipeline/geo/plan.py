@@ -189,19 +189,32 @@ def splits_json(plan: dict[str, Any]) -> dict[str, Any]:
     return {"method": plan["method"], "tile_size": plan["tile_size"], "overlap": plan["overlap"], "scenes": out}
 
 
-def boxes_per_window(boxes: np.ndarray, cols: Sequence[int], rows: Sequence[int], tile: int
-                     ) -> dict[tuple[int, int], list[int]]:
-    """Indices of the boxes touching each window (col_off, row_off), by binary search on the tile grid."""
+def window_pairs(boxes: np.ndarray, cols: Sequence[int], rows: Sequence[int], tile: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Every (box, window) touch as two arrays: box index, window number (row_index * len(cols) +
+    col_index); sorted by window, boxes ascending within one. Binary search on the tile grid, vectorised."""
     cols_a, rows_a = np.asarray(cols), np.asarray(rows)
-    out: dict[tuple[int, int], list[int]] = {}
-    for i, (x0, y0, x1, y1) in enumerate(np.asarray(boxes).reshape(-1, 4)):
-        # tile j touches the box iff start_j < x1 and start_j + tile > x0
-        ca = int(np.searchsorted(cols_a, x0 - tile, "right"))
-        cb = int(np.searchsorted(cols_a, x1, "left"))
-        ra = int(np.searchsorted(rows_a, y0 - tile, "right"))
-        rb = int(np.searchsorted(rows_a, y1, "left"))
-        for r in rows_a[ra:rb]:
-            for c in cols_a[ca:cb]:
-                out.setdefault((int(c), int(r)), []).append(i)
-    return out
+    b = np.asarray(boxes, np.float64).reshape(-1, 4)
+    # tile j touches the box iff start_j < x1 and start_j + tile > x0
+    ca, cb = np.searchsorted(cols_a, b[:, 0] - tile, "right"), np.searchsorted(cols_a, b[:, 2], "left")
+    ra, rb = np.searchsorted(rows_a, b[:, 1] - tile, "right"), np.searchsorted(rows_a, b[:, 3], "left")
+    nc, nr = np.clip(cb - ca, 0, None), np.clip(rb - ra, 0, None)
+    n = nc * nr
+    box = np.repeat(np.arange(len(b)), n)
+    k = np.arange(len(box)) - np.repeat(np.cumsum(n) - n, n)  # pair number within its box
+    ncb = np.maximum(np.repeat(nc, n), 1)
+    key = (np.repeat(ra, n) + k // ncb) * len(cols_a) + np.repeat(ca, n) + k % ncb
+    order = np.argsort(key, kind="stable")  # stable: box indices stay ascending within a window
+    return box[order], key[order]
 
+
+def boxes_per_window(boxes: np.ndarray, cols: Sequence[int], rows: Sequence[int], tile: int
+                     ) -> dict[tuple[int, int], np.ndarray]:
+    """Indices (ascending) of the boxes touching each window (col_off, row_off); windows without boxes are
+    absent."""
+    box, key = window_pairs(boxes, cols, rows, tile)
+    if len(box) == 0:
+        return {}
+    uniq, first = np.unique(key, return_index=True)
+    return {(int(cols[u % len(cols)]), int(rows[u // len(cols)])): idx
+            for u, idx in zip(uniq.tolist(), np.split(box, first[1:]), strict=True)}

@@ -4,12 +4,13 @@
     tile_scene(config, scene_index, work_dir) -> Path    one scene (a Prefect task can map over these)
     finalize_tiling(config, scene_outputs, out_dir)      merge scene outputs into the tiles dir
 
-A scene is read in row strips one tile high (rasterio windowed reads into pixel-interleaved buffers; the
-rows shared with the previous strip are reused, so every pixel is decoded once) on a reader thread that
-stays one strip ahead; tiles are cut from the strip, stored as raw bytes (or PNG, `tiling.encoding`) and
-appended to per-split TFRecord parts — without TensorFlow. Memory is bounded by a couple of strips,
-whatever the scene size. Everything is written into temporary folders that replace
-the output only when complete, so a failure leaves no partial output.
+A scene is read in row strips one tile high by `_StripReader`, a thread that starts decoding at once (while
+the labels are read and the tiles chosen) and stays up to LOOKAHEAD_BYTES ahead; reads end on block rows
+and rows shared with the previous strip are copied, so every pixel is decoded once. Tiles are cut from the
+strip, stored as raw bytes (or PNG, `tiling.encoding`) and handed to `_ShardWriter`, whose thread appends
+them to per-split TFRecord parts — without TensorFlow. Memory is bounded by the strip buffers, whatever the
+scene size. Everything is written into temporary folders that replace the output only when complete, so a
+failure leaves no partial output.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ import logging
 import math
 import multiprocessing
 import os
+import queue
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import rasterio
@@ -36,7 +39,7 @@ from pipeline.errors import SatdetError
 from pipeline.files import atomic_dir, atomic_write_json, atomic_write_text
 from pipeline.geo.edges import EdgePolicy
 from pipeline.geo.labels import read_labels
-from pipeline.geo.plan import SPLITS, boxes_per_window, plan_tiling, splits_json, tile_starts, window_split
+from pipeline.geo.plan import SPLITS, plan_tiling, splits_json, tile_starts, window_pairs, window_split
 from pipeline.geo.raster import info_from_dataset, nodata_mask, open_raster
 
 __all__ = ["EdgePolicy", "finalize_tiling", "plan_tiling", "run_tiling", "tile_scene"]
@@ -60,29 +63,45 @@ def _load_plan(config: Config, work_dir: Path) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ one scene
 class _ShardWriter:
-    """Per-split TFRecord parts of one scene, each at most `shard_size` records."""
+    """Per-split TFRecord parts of one scene, each at most `shard_size` records.
 
-    def __init__(self, folder: Path, shard_size: int) -> None:
-        self.folder, self.shard_size = folder, shard_size
+    Records are written (framed, CRC'd, copied into the page cache) on a background thread, in order,
+    while the caller cuts the next tiles: file writes release the GIL. At most `max_pending` records wait
+    in memory; a write error is raised by the next `write` or by `close`.
+    """
+
+    def __init__(self, folder: Path, shard_size: int, max_pending: int = 32) -> None:
+        self.folder, self.shard_size, self.max_pending = folder, shard_size, max_pending
         self.writers: dict[str, RecordWriter] = {}
         self.counts: dict[str, int] = {}
         self.parts: dict[str, list[str]] = {s: [] for s in SPLITS}
+        self._thread = ThreadPoolExecutor(1)
+        self._pending: list[Future[None]] = []
 
     def write(self, split: str, record: list[bytes]) -> str:
         n = self.counts.get(split, 0)
         if n % self.shard_size == 0:
             if split in self.writers:
-                self.writers[split].close()
+                self._pending.append(self._thread.submit(self.writers[split].close))
             name = f"{split}-{len(self.parts[split]):05d}.tfrecord"
             self.parts[split].append(name)
             self.writers[split] = RecordWriter(self.folder / name)
-        self.writers[split].write(record)
+        self._pending.append(self._thread.submit(self.writers[split].write, record))
         self.counts[split] = n + 1
+        if len(self._pending) > self.max_pending:
+            done, self._pending = self._pending[:-self.max_pending // 2], self._pending[-self.max_pending // 2:]
+            for fut in done:
+                fut.result()
         return self.parts[split][-1]
 
     def close(self) -> None:
-        for w in self.writers.values():
-            w.close()
+        try:
+            for fut in self._pending:
+                fut.result()
+        finally:
+            self._thread.shutdown(wait=True)
+            for w in self.writers.values():
+                w.close()
 
 
 def _select_tiles(scene: dict[str, Any], plan: dict[str, Any], config: Config, labels: Any
@@ -92,27 +111,35 @@ def _select_tiles(scene: dict[str, Any], plan: dict[str, Any], config: Config, l
     tile = plan["tile_size"]
     width, height = scene["width"], scene["height"]
     cols, rows = tile_starts(width, tile, plan["overlap"]), tile_starts(height, tile, plan["overlap"])
-    touching = boxes_per_window(labels.boxes, cols, rows, tile)
-    policy = EdgePolicy(t.min_visibility)
+    # every (box, window) touch judged at once; boxes are judged against the part of the window that
+    # holds scene pixels (not the pad)
+    box, key = window_pairs(labels.boxes, cols, rows, tile)
+    wc, wr = np.asarray(cols)[key % len(cols)], np.asarray(rows)[key // len(cols)]
+    res = EdgePolicy(t.min_visibility).apply(
+        labels.boxes[box], (wc, wr, np.minimum(wc + tile, width), np.minimum(wr + tile, height)))
+    n_win = len(cols) * len(rows)
+    kept_key = key[res.index]
+    n_kept = np.bincount(kept_key, minlength=n_win)
+    n_clipped = np.bincount(kept_key, weights=res.clipped, minlength=n_win).astype(int)
+    n_dropped = np.bincount(key[res.dropped], minlength=n_win)
+    starts = np.concatenate([[0], np.cumsum(n_kept)])  # kept pairs stay sorted by window
+    local = res.boxes - np.stack([wc, wr, wc, wr], axis=1)[res.index]
+    kept_ids = labels.class_ids[box[res.index]]
     counts = {"straddling_dropped": 0, "empty_dropped": 0}
     candidates: dict[str, dict[str, list[dict[str, Any]]]] = {s: {"pos": [], "neg": []} for s in SPLITS}
-    for r in rows:
-        for c in cols:
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
             split = window_split(scene, c, r, tile)
             if split is None:
                 counts["straddling_dropped"] += 1
                 continue
-            idx = np.asarray(touching.get((c, r), []), np.int64)
-            # Boxes are judged against the part of the window that holds scene pixels (not the pad).
-            region = (c, r, min(c + tile, width), min(r + tile, height))
-            res = policy.apply(labels.boxes[idx], region)
+            w = i * len(cols) + j
+            a, b = starts[w], starts[w + 1]
             entry = {
-                "col": c, "row": r, "split": split,
-                "boxes": res.boxes - np.array([c, r, c, r], np.float64),
-                "class_ids": labels.class_ids[idx[res.index]],
-                "clipped": res.n_clipped, "dropped": res.n_dropped,
+                "col": c, "row": r, "split": split, "boxes": local[a:b], "class_ids": kept_ids[a:b],
+                "clipped": int(n_clipped[w]), "dropped": int(n_dropped[w]),
             }
-            candidates[split]["pos" if len(res.index) else "neg"].append(entry)
+            candidates[split]["pos" if b > a else "neg"].append(entry)
     rng = np.random.default_rng([config.seed, scene["index"]])
     selected: dict[tuple[int, int], dict[str, Any]] = {}
     for split in SPLITS:
@@ -130,40 +157,103 @@ def _select_tiles(scene: dict[str, Any], plan: dict[str, Any], config: Config, l
 
 
 Strip = tuple[int, np.ndarray, "np.ndarray | None"]
+LOOKAHEAD_BYTES = 32 * 2**20  # strip buffers read ahead of the tile writer (at least 3): flat in scene size
 
 
-def _strips(ds: Any, rows: list[int], tile: int, bands: list[int], dtype: str) -> Iterator[Strip]:
-    """Yield (row_off, data (h, W, C), nodata mask (h, W) | None) for each strip of rows `rows[k]..+tile`.
+class _StripReader:
+    """Strips (row_off, data (h, W, C), nodata mask (h, W) | None) of rows `rows[k]..+tile`, in order.
 
-    Strips are read into two alternating pixel-interleaved buffers (the GeoTIFF's usual layout, so a tile
-    is a cheap row-by-row copy rather than a band transpose), one strip ahead on a thread: GDAL decodes
-    the next strip (without the GIL) while the caller writes this one's tiles. Rows shared with the
-    previous strip are copied, not read again, so every pixel is decoded once. A yielded strip stays
-    valid until the generator is advanced twice; the caller is done with it after one.
+    A thread starts reading at once — while the caller still reads labels and picks tiles — and stays up to
+    `LOOKAHEAD_BYTES` of strip buffers ahead; `want(rows)` (once the tiles are picked) makes it skip rows
+    that hold no tile. GDAL decodes without the GIL, so reading overlaps the caller's Python work.
+
+    Buffers are pixel-interleaved (the GeoTIFF's usual layout, so a tile is a cheap row-by-row copy rather
+    than a band transpose). Reads end on block-row boundaries (a buffer holds up to one block row more
+    than a strip), so no block is decoded twice, and rows already read for the previous strip are copied,
+    not read again. A yielded strip stays valid until the iterator is advanced again. Close the reader
+    (or use it as a context manager) so its thread stops.
     """
-    width, height = ds.width, ds.height
-    bufs = [np.empty((min(tile, height), width, len(bands)), dtype) for _ in range(2)]
 
-    def read(k: int, prev: Strip | None) -> Strip:
-        r = rows[k]
-        h = min(r + tile, height) - r
-        buf = bufs[k % 2]
-        start = r
-        if prev is not None and prev[0] <= r < prev[0] + len(prev[1]):
-            keep = min(prev[0] + len(prev[1]) - r, h)
-            buf[:keep] = prev[1][r - prev[0]:r - prev[0] + keep]
-            start = r + keep
-        if start < r + h:  # rasterio fills a (C, h, W) view of the (h, W, C) buffer in place
-            ds.read(bands, window=Window(0, start, width, r + h - start), out=buf[start - r:h].transpose(2, 0, 1))
-        data = buf[:h]
-        return r, data, nodata_mask(ds, data.transpose(2, 0, 1), Window(0, r, width, h), bands)
+    def __init__(self, ds: Any, rows: list[int], tile: int, bands: list[int], dtype: str) -> None:
+        self.ds, self.rows, self.tile, self.bands = ds, rows, tile, bands
+        self.height, self.width = ds.height, ds.width
+        block_h = ds.block_shapes[0][0] if ds.block_shapes else 1
+        self.block_h = block_h if 1 < block_h <= tile else 1  # huge strips (untiled files): no alignment
+        self.cap = min(self.height, tile + self.block_h - 1)
+        nbytes = self.cap * self.width * len(bands) * np.dtype(dtype).itemsize
+        n = max(3, min(16, LOOKAHEAD_BYTES // max(1, nbytes)))
+        self._free: queue.Queue[np.ndarray] = queue.Queue()
+        for _ in range(n):
+            self._free.put(np.empty((self.cap, self.width, len(bands)), dtype))
+        self._done: queue.Queue[Any] = queue.Queue()
+        self._wanted: set[int] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="strip-reader", daemon=True)
+        self._thread.start()
 
-    with ThreadPoolExecutor(1) as reader:
-        fut = reader.submit(read, 0, None) if rows else None
-        for k in range(len(rows)):
-            strip = fut.result()  # type: ignore[union-attr]
-            fut = reader.submit(read, k + 1, strip) if k + 1 < len(rows) else None
-            yield strip
+    def want(self, rows: set[int]) -> None:
+        """From now on read only strips starting at these rows."""
+        self._wanted = set(rows)
+
+    def _run(self) -> None:
+        prev: tuple[int, int, np.ndarray] | None = None  # (first row, rows held, buffer) of the last strip
+        try:
+            for r in self.rows:
+                wanted = self._wanted
+                if wanted is not None and r not in wanted:
+                    continue
+                buf = self._take()
+                if buf is None:
+                    return
+                h = min(r + self.tile, self.height) - r
+                end = min(self.height, -(-(r + h) // self.block_h) * self.block_h, r + self.cap)
+                start = r
+                if prev is not None and prev[0] <= r < prev[0] + prev[1]:  # rows already read: copy
+                    keep = min(prev[0] + prev[1], end) - r
+                    buf[:keep] = prev[2][r - prev[0]:r - prev[0] + keep]
+                    start = r + keep
+                if start < end:  # rasterio fills a (C, h, W) view of the (h, W, C) buffer in place
+                    self.ds.read(self.bands, window=Window(0, start, self.width, end - start),
+                                 out=buf[start - r:end - r].transpose(2, 0, 1))
+                prev = (r, end - r, buf)
+                data = buf[:h]
+                mask = nodata_mask(self.ds, data.transpose(2, 0, 1), Window(0, r, self.width, h), self.bands)
+                self._done.put((r, data, mask, buf))
+            self._done.put(None)
+        except BaseException as exc:  # noqa: BLE001 (handed to the consumer, raised there)
+            self._done.put(exc)
+
+    def _take(self) -> np.ndarray | None:
+        while not self._stop.is_set():
+            try:
+                return self._free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return None
+
+    def __iter__(self) -> Iterator[Strip]:
+        held: np.ndarray | None = None
+        while True:
+            item = self._done.get()
+            if held is not None:  # the caller is done with the previous strip: its buffer can be refilled
+                self._free.put(held)
+                held = None
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            r, data, mask, held = item
+            yield r, data, mask
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _cut(data: np.ndarray, mask: np.ndarray | None, col: int, tile: int, fill: float
@@ -198,92 +288,103 @@ def tile_scene(config: Config, scene_index: int, work_dir: Path, progress: Progr
     # reuse their own rows, so the cache only needs the block rows under about two strips.
     itemsize = np.dtype(plan["dtype"]).itemsize
     cache_mb = max(64, math.ceil(2 * (tile + 512) * scene["width"] * len(bands) * itemsize / 2**20))
-    with rasterio.Env(GDAL_CACHEMAX=cache_mb), open_raster(scene["image"]) as ds:
+    # GDAL decodes compressed blocks on several threads straight into the strip buffer (GeoTIFF), using the
+    # cores that parallel scene workers leave free.
+    cpus = os.cpu_count() or 1
+    gdal_threads = max(1, cpus // max(1, min(t.workers or cpus, len(plan["scenes"]))))
+    with rasterio.Env(GDAL_CACHEMAX=cache_mb, GDAL_NUM_THREADS=gdal_threads), open_raster(scene["image"]) as ds:
         info = info_from_dataset(ds, scene["image"])
-        labels = read_labels(scene["labels"], info, classes, t.label_field)
-        selected, counts = _select_tiles(scene, plan, config, labels)
-        fill = scene["nodata"] if scene["nodata"] is not None else 0
-        n_train = sum(e["split"] == "train" for e in selected.values())
-        per_tile = math.ceil(t.stats_max_pixels / max(1, n_train))
-        rng = np.random.default_rng([config.seed, scene_index, 1])
-        qa = {"kept": 0, "clipped": 0, "dropped": 0, "nodata_skipped": 0, "max_boxes": 0,
-              "tiles": {s: 0 for s in SPLITS}, "empty_kept": 0, "class_counts": {c: 0 for c in classes}}
-        samples: dict[str, list[np.ndarray]] = {"train": [], "other": []}
-        rows = sorted({r for (_, r) in selected})
-        by_row: dict[int, list[dict[str, Any]]] = {}
-        for e in selected.values():
-            by_row.setdefault(e["row"], []).append(e)
-        skipped_windows = scene["n_windows"] - len(selected)
-        if progress and skipped_windows:
-            progress(skipped_windows)
-        # PNG encoding is CPU-heavy and releases the GIL: spread it over threads. Raw is a memcpy: inline.
-        png = t.encoding == "png" and png_capable(plan["dtype"], len(bands))
-        encoders = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) if png else None
+        # the reader starts on the pixels at once; the labels and the tile choice run meanwhile
+        with _StripReader(ds, tile_starts(scene["height"], tile, plan["overlap"]), tile, bands,
+                          plan["dtype"]) as strips:
+            labels = read_labels(scene["labels"], info, classes, t.label_field)
+            selected, counts = _select_tiles(scene, plan, config, labels)
+            fill = scene["nodata"] if scene["nodata"] is not None else 0
+            n_train = sum(e["split"] == "train" for e in selected.values())
+            per_tile = math.ceil(t.stats_max_pixels / max(1, n_train))
+            rng = np.random.default_rng([config.seed, scene_index, 1])
+            qa = {"kept": 0, "clipped": 0, "dropped": 0, "nodata_skipped": 0, "max_boxes": 0,
+                  "tiles": {s: 0 for s in SPLITS}, "empty_kept": 0, "class_counts": {c: 0 for c in classes}}
+            samples: dict[str, list[np.ndarray]] = {"train": [], "other": []}
+            kept_ids: list[np.ndarray] = []
+            strips.want({r for (_, r) in selected})
+            by_row: dict[int, list[dict[str, Any]]] = {}
+            for e in selected.values():
+                by_row.setdefault(e["row"], []).append(e)
+            skipped_windows = scene["n_windows"] - len(selected)
+            if progress and skipped_windows:
+                progress(skipped_windows)
+            # PNG encoding is CPU-heavy and releases the GIL: spread it over threads. Raw is a memcpy: inline.
+            png = t.encoding == "png" and png_capable(plan["dtype"], len(bands))
+            encoders = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) if png else None
 
-        def encode(item: tuple[dict[str, Any], np.ndarray]) -> list[bytes]:
-            e, img = item
-            return encode_tile_chunks(img, e["boxes"], e["class_ids"], e["id"], scene["scene"], t.encoding)
+            def encode(item: tuple[dict[str, Any], np.ndarray]) -> list[bytes]:
+                e, img = item
+                return encode_tile_chunks(img, e["boxes"], e["class_ids"], e["id"], scene["scene"], t.encoding)
 
-        with atomic_dir(out_final) as out:
-            writer = _ShardWriter(out, t.shard_size)
-            manifest: list[str] = []
-            a, b, c0, d, e_, f = scene["transform"]
-            try:
-                for r, data, mask in _strips(ds, rows, tile, bands, plan["dtype"]):
-                    kept: list[tuple[dict[str, Any], np.ndarray]] = []
-                    for e in sorted(by_row[r], key=lambda x: x["col"]):
-                        col = e["col"]
-                        img, valid, nodata_fraction = _cut(data, mask, col, tile, fill)
-                        if nodata_fraction > t.max_nodata_fraction:
-                            qa["nodata_skipped"] += 1
+            with atomic_dir(out_final) as out:
+                writer = _ShardWriter(out, t.shard_size)
+                manifest: list[str] = []
+                a, b, c0, d, e_, f = scene["transform"]
+                try:
+                    for r, data, mask in strips:
+                        if r not in by_row:
                             continue
-                        n = len(e["boxes"])
-                        e["id"] = f"{scene['scene']}_{col}_{r}"
-                        e["record"] = {
-                            "id": e["id"], "scene": scene["scene"], "split": e["split"],
-                            "window": [col, r, tile, tile],
-                            "transform": [a, b, a * col + b * r + c0, d, e_, d * col + e_ * r + f],
-                            "crs": scene["crs"], "n_boxes": n, "nodata_fraction": round(nodata_fraction, 6),
-                        }
-                        qa["tiles"][e["split"]] += 1
-                        qa["empty_kept"] += n == 0
-                        qa["kept"] += n
-                        qa["clipped"] += e["clipped"]
-                        qa["dropped"] += e["dropped"]
-                        qa["max_boxes"] = max(qa["max_boxes"], n)
-                        for cid in e["class_ids"]:
-                            qa["class_counts"][classes[cid - 1]] += 1
-                        # sample pixel positions, then drop nodata ones: no copy of the tile
-                        pick = rng.integers(0, tile * tile, per_tile)
-                        if valid is not None:
-                            pick = pick[valid.ravel()[pick]]
-                        samples["train" if e["split"] == "train" else "other"].append(img[pick // tile, pick % tile])
-                        kept.append((e, img))
+                        kept: list[tuple[dict[str, Any], np.ndarray]] = []
+                        for e in sorted(by_row[r], key=lambda x: x["col"]):
+                            col = e["col"]
+                            img, valid, nodata_fraction = _cut(data, mask, col, tile, fill)
+                            if nodata_fraction > t.max_nodata_fraction:
+                                qa["nodata_skipped"] += 1
+                                continue
+                            n = len(e["boxes"])
+                            e["id"] = f"{scene['scene']}_{col}_{r}"
+                            e["record"] = {
+                                "id": e["id"], "scene": scene["scene"], "split": e["split"],
+                                "window": [col, r, tile, tile],
+                                "transform": [a, b, a * col + b * r + c0, d, e_, d * col + e_ * r + f],
+                                "crs": scene["crs"], "n_boxes": n, "nodata_fraction": round(nodata_fraction, 6),
+                            }
+                            qa["tiles"][e["split"]] += 1
+                            qa["empty_kept"] += n == 0
+                            qa["kept"] += n
+                            qa["clipped"] += e["clipped"]
+                            qa["dropped"] += e["dropped"]
+                            qa["max_boxes"] = max(qa["max_boxes"], n)
+                            kept_ids.append(e["class_ids"])
+                            # sample pixel positions, then drop nodata ones: no copy of the tile
+                            pick = rng.integers(0, tile * tile, per_tile)
+                            if valid is not None:
+                                pick = pick[valid.ravel()[pick]]
+                            samples["train" if e["split"] == "train" else "other"].append(img[pick // tile, pick % tile])
+                            kept.append((e, img))
 
-                    # every tile of the strip is encoded before the strip buffer can be reused
-                    records = list(encoders.map(encode, kept)) if encoders else [encode(k) for k in kept]
-                    for (e, _), record in zip(kept, records, strict=True):
-                        manifest.append(json.dumps({**e["record"], "shard": writer.write(e["split"], record)}))
-                    if progress:
-                        progress(len(by_row[r]))
-            finally:
-                writer.close()
-                if encoders:
-                    encoders.shutdown()
-            atomic_write_text(out / "manifest.jsonl", "".join(m + "\n" for m in manifest))
-            for key, arrs in samples.items():
-                arr = np.concatenate(arrs) if arrs else np.zeros((0, len(bands)), np.float64)
-                if len(arr) > t.stats_max_pixels:
-                    arr = arr[rng.permutation(len(arr))[: t.stats_max_pixels]]
-                np.save(out / f"sample_{key}.npy", arr)
-            atomic_write_json(out / "scene.json", {
-                "index": scene_index, "scene": scene["scene"], "parts": writer.parts, "qa": qa,
-                "straddling_dropped": counts["straddling_dropped"], "empty_dropped": counts["empty_dropped"],
-                "invalid_geometries": labels.invalid_geometries,
-                "labels_outside_raster": labels.labels_outside_raster,
-                "objects": {c: int((labels.class_ids == i + 1).sum()) for i, c in enumerate(classes)},
-                "warnings": labels.warnings,
-            })
+                        # every tile of the strip is encoded before the strip buffer can be reused
+                        records = list(encoders.map(encode, kept)) if encoders else [encode(k) for k in kept]
+                        for (e, _), record in zip(kept, records, strict=True):
+                            manifest.append(json.dumps({**e["record"], "shard": writer.write(e["split"], record)}))
+                        if progress:
+                            progress(len(by_row[r]))
+                finally:
+                    writer.close()
+                    if encoders:
+                        encoders.shutdown()
+                per_class = np.bincount(np.concatenate([np.zeros(0, np.int64), *kept_ids]), minlength=len(classes) + 1)
+                qa["class_counts"] = {c: int(per_class[i + 1]) for i, c in enumerate(classes)}
+                atomic_write_text(out / "manifest.jsonl", "".join(m + "\n" for m in manifest))
+                for key, arrs in samples.items():
+                    arr = np.concatenate(arrs) if arrs else np.zeros((0, len(bands)), np.float64)
+                    if len(arr) > t.stats_max_pixels:
+                        arr = arr[rng.permutation(len(arr))[: t.stats_max_pixels]]
+                    np.save(out / f"sample_{key}.npy", arr)
+                atomic_write_json(out / "scene.json", {
+                    "index": scene_index, "scene": scene["scene"], "parts": writer.parts, "qa": qa,
+                    "straddling_dropped": counts["straddling_dropped"], "empty_dropped": counts["empty_dropped"],
+                    "invalid_geometries": labels.invalid_geometries,
+                    "labels_outside_raster": labels.labels_outside_raster,
+                    "objects": {c: int((labels.class_ids == i + 1).sum()) for i, c in enumerate(classes)},
+                    "warnings": labels.warnings,
+                })
     return out_final
 
 

@@ -1,7 +1,15 @@
+import numpy as np
 import pytest
 
 from pipeline.errors import SatdetError
-from pipeline.geo.plan import block_edges, plan_tiling, tile_starts, tile_windows, window_split
+from pipeline.geo.plan import (
+    block_edges,
+    boxes_per_window,
+    plan_tiling,
+    tile_starts,
+    tile_windows,
+    window_split,
+)
 from pipeline.geo.synth import make_scene
 
 from .conftest import make_config
@@ -20,6 +28,26 @@ def test_scene_smaller_than_a_tile_gets_one_tile():
 def test_tile_not_larger_than_overlap_is_refused():
     with pytest.raises(SatdetError, match="must be larger than the overlap"):
         tile_starts(100, 16, 16)
+
+
+def test_boxes_per_window_matches_brute_force():
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(-30, 330, (300, 2))
+    wh = rng.uniform(0, 60, (300, 2))
+    boxes = np.concatenate([xy, xy + wh], axis=1)
+    boxes[:5, 2:] = boxes[:5, :2]  # degenerate (zero-area) boxes still touch by their edges rule
+    cols, rows = tile_starts(300, 64, 16), tile_starts(260, 64, 16)
+    got = boxes_per_window(boxes, cols, rows, 64)
+    want = {}
+    for i, (x0, y0, x1, y1) in enumerate(boxes):
+        for r in rows:
+            for c in cols:
+                if c < x1 and c + 64 > x0 and r < y1 and r + 64 > y0:
+                    want.setdefault((c, r), []).append(i)
+    assert sorted(got) == sorted(want)
+    for key, idx in want.items():
+        assert got[key].tolist() == idx
+    assert boxes_per_window(np.zeros((0, 4)), cols, rows, 64) == {}
 
 
 def test_thin_block_remainder_joins_its_neighbour():
