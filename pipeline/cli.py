@@ -18,6 +18,7 @@ import typer
 from pipeline import __version__
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.errors import SatdetError
+from pipeline.tf_quiet import import_tensorflow
 
 # TensorFlow's C++ start-up chatter (oneDNN, CUDA stubs) buries the output users need; real errors still show.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -130,6 +131,7 @@ def dataset_cmd(
     from pipeline.data.dataset import run_dataset_check
 
     cfg = load(config, set_)
+    import_tensorflow()
     tiles = cfg.run_dir / "tiles"
     typer.echo(run_dataset_check(cfg, tiles))
     if preview:
@@ -163,6 +165,7 @@ def train_cmd(
             f"{model_dir}: already holds checkpoints; pass --resume to continue, or remove the folder to start over"
         )
     save_config(cfg, cfg.run_dir / "config.yaml")
+    import_tensorflow()
     out = run_training(cfg, tiles, model_dir, resume=resume)
     typer.echo(f"model: {out}")
     typer.echo(f"export: {out / 'export'}")
@@ -179,6 +182,7 @@ def evaluate_cmd(config: ConfigArg, set_: SetOpt = None) -> None:
     from pipeline.evaluate.run import run_evaluation
 
     run_dir = cfg.run_dir
+    import_tensorflow()
     out = run_evaluation(cfg, run_dir / "model", run_dir / "tiles", run_dir / "eval")
     metrics = json.loads((out / "metrics.json").read_text())
     for level in ("scene", "tile"):
@@ -213,6 +217,7 @@ def predict_cmd(
     updates = {k: v for k, v in {"score_threshold": score_threshold, "tile_size": tile, "overlap": overlap,
                                  "batch_size": batch}.items() if v is not None}
     cfg = PredictConfig.model_validate({**base.model_dump(), **updates})
+    import_tensorflow()
     from pipeline.predict.scene import predict_scenes
 
     for path in predict_scenes(model_dir, list(scenes), out, cfg, fmt=fmt, per_scene=per_scene or None):
@@ -243,6 +248,7 @@ def run_cmd(
     """Run the training pipeline as a Prefect flow: tile → dataset → train → evaluate (finished stages are cached)."""
     load(config, set_)  # fail fast, with one line, before Prefect starts
     _prefect_env()
+    import_tensorflow()
     from flows.training import train_pipeline
 
     result = train_pipeline(config_path=str(config), overrides=list(set_ or []), force=force)
@@ -268,6 +274,7 @@ def predict_flow_cmd(
     """Predict whole scenes with an exported model, as a Prefect flow (one task per scene)."""
     cfg = load(config, set_) if config or set_ else None
     _prefect_env()
+    import_tensorflow()
     from flows.prediction import predict_scenes
 
     written = predict_scenes(
@@ -362,6 +369,7 @@ def experiment_clipping_cmd(
             typer.echo(f"no tiles in {tiles}: tiling first")
             run_tiling(cfg, tiles)
         save_config(cfg, cfg.run_dir / "config.yaml")
+        import_tensorflow()
         typer.echo(f"{len(plan.runs())} runs × {steps} steps → {study}")
         with StudyProgress(steps) as progress:
             out = run_study(cfg, tiles, study, plan, force=force, on_event=progress)

@@ -25,7 +25,9 @@ def _version(dist: str) -> str | None:
 def _tensorflow() -> dict[str, Any]:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     try:
-        import tensorflow as tf
+        from pipeline.tf_quiet import import_tensorflow
+
+        tf = import_tensorflow()
     except Exception as err:  # noqa: BLE001 - ImportError, or a broken CUDA wheel failing at import
         return {"error": f"cannot import tensorflow: {err}"}
     info: dict[str, Any] = {"version": tf.__version__}

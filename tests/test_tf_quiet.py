@@ -1,0 +1,46 @@
+"""TensorFlow's native start-up notices are filtered from stderr; everything else still reaches the user."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.tf_quiet import STARTUP_NOISE, drop_startup_noise
+
+ROOT = Path(__file__).resolve().parents[1]
+NATIVE_STARTUP = (
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+    "I0000 00:00:1795755375.139344   12726 port.cc:153] oneDNN custom operations are on. You may see ...\n"
+    "I0000 00:00:1795755375.139843   12726 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU "
+    "will not be used.\n"
+    "E0000 00:00:1795755380.526838   12726 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error\n"
+)
+
+
+def _python(code: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "SATDET_TF_STARTUP_LOG"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+                          check=True, timeout=300)
+
+
+def test_only_the_known_notices_are_dropped():
+    real = "E0000 00:00:1.0 op_kernel.cc:1] OOM when allocating tensor\nUserWarning: something real\n"
+    assert drop_startup_noise(NATIVE_STARTUP + real) == real
+
+
+def test_native_writes_to_fd_2_are_filtered_and_the_rest_replayed():
+    code = (
+        "import os\n"
+        "from pipeline.tf_quiet import quiet_native_stderr\n"
+        "with quiet_native_stderr():\n"
+        f"    os.write(2, {NATIVE_STARTUP.encode()!r})\n"
+        "    os.write(2, b'a real native error\\n')\n"
+        "os.write(2, b'after\\n')\n"
+    )
+    assert _python(code).stderr == "a real native error\nafter\n"
+
+
+def test_importing_tensorflow_through_it_prints_no_startup_notice():
+    res = _python("from pipeline.tf_quiet import import_tensorflow; print(import_tensorflow().__version__)")
+    assert res.stdout.strip().startswith("2.")
+    assert not [n for n in STARTUP_NOISE if n in res.stderr], res.stderr
