@@ -1,10 +1,11 @@
 """Tiling benchmark: time against the physical floor (one plain full read) and peak RSS vs scene size.
 
-    python benchmarks/tiling.py [--size 8192] [--rss-size 4096] [--work DIR]
+    python benchmarks/tiling.py [--size 8192] [--rss-size 4096] [--repeat 5] [--work DIR]
 
 Prints one JSON object:
   time.<scene>: best tiling seconds / best seconds of one `rasterio.open(p).read()` of the same file
-                (goal ≤ 1.3), over --repeat interleaved runs, each after os.sync()
+                (goal ≤ 1.3), over --repeat interleaved runs, each after os.sync(); also the ratio of the
+                medians and every run's time
   rss: peak RSS of a tiling process at rss-size² and at (2·rss-size)² — 4× the area (goal ratio ≤ 1.2);
        each run in its own subprocess, plus a baseline process that imports everything and tiles a tiny scene.
 Synthetic scenes (deflate, tiled 256, like typical delivered imagery) are generated once under --work.
@@ -89,7 +90,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "satdet-bench-tiling")
     ap.add_argument("--child", nargs=2)
     ap.add_argument("--rss-only", action="store_true", help="Skip the timing part.")
-    ap.add_argument("--repeat", type=int, default=3, help="Timing runs per scene (best is reported).")
+    ap.add_argument("--repeat", type=int, default=5, help="Timing runs per scene (best is reported).")
     args = ap.parse_args()
     if args.child:
         _child(*args.child)
