@@ -153,7 +153,6 @@ def train_cmd(
     """Train on run_dir/tiles with the configured clipping; writes run_dir/model (checkpoints, TensorBoard,
     train_log.jsonl, export). Progress: step, loss, img/s, clip fraction."""
     from pipeline.config import save_config
-    from pipeline.train.loop import run_training
 
     cfg = load(config, set_)
     tiles = cfg.run_dir / "tiles"
@@ -165,7 +164,9 @@ def train_cmd(
             f"{model_dir}: already holds checkpoints; pass --resume to continue, or remove the folder to start over"
         )
     save_config(cfg, cfg.run_dir / "config.yaml")
-    import_tensorflow()
+    import_tensorflow()  # before pipeline.train.loop, which imports TensorFlow at module level
+    from pipeline.train.loop import run_training
+
     out = run_training(cfg, tiles, model_dir, resume=resume)
     typer.echo(f"model: {out}")
     typer.echo(f"export: {out / 'export'}")

@@ -5,16 +5,24 @@ absl::InitializeLog()...", the oneDNN notice, "Could not find cuda drivers", and
 an `E... failed call to cuInit` that looks like a failure but is not). TF_CPP_MIN_LOG_LEVEL does not reach
 them. `import_tensorflow()` runs the import and the first device enumeration with file descriptor 2
 pointed at a temporary file, then writes back every line except those known start-up notices, so real
-errors and warnings still reach the user. Set SATDET_TF_STARTUP_LOG=1 to see everything.
+errors and warnings still reach the user. A cuInit failure is dropped only next to "Could not find cuda
+drivers" (no driver at all); on a GPU host with a broken driver it is the message that explains a CPU
+run, and it shows. Set SATDET_TF_STARTUP_LOG=1 to see everything.
+
+Should the process die during the import (a fatal TensorFlow check, an unsupported CPU), faulthandler
+prints the Python traceback to the real stderr, and the captured lines stay in
+`$TMPDIR/satdet-tf-startup-<pid>.log`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
 import sys
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from types import ModuleType
 
 # Substrings of native start-up lines that carry no information for a user of this tool.
@@ -22,38 +30,54 @@ STARTUP_NOISE = (
     "All log messages before absl::InitializeLog() is called",
     "oneDNN custom operations are on",
     "Could not find cuda drivers on your machine",
-    "failed call to cuInit",
     "This TensorFlow binary is optimized to use available CPU instructions",
     "To enable the following instructions",
 )
+NO_DRIVER = "Could not find cuda drivers on your machine"
+CUINIT_FAILED = "failed call to cuInit"  # noise only where there is no driver at all
 
 _imported = False
 
 
 def drop_startup_noise(text: str) -> str:
     """`text` without the lines that are known TensorFlow start-up notices."""
-    return "".join(line for line in text.splitlines(keepends=True) if not any(n in line for n in STARTUP_NOISE))
+    noise = STARTUP_NOISE + ((CUINIT_FAILED,) if NO_DRIVER in text else ())
+    return "".join(line for line in text.splitlines(keepends=True) if not any(n in line for n in noise))
 
 
 @contextlib.contextmanager
 def quiet_native_stderr() -> Iterator[None]:
     """Point file descriptor 2 at a temporary file for the block, then write back all but the start-up
-    notices (C++ libraries write to the descriptor, not to sys.stderr)."""
+    notices (C++ libraries write to the descriptor, not to sys.stderr). Unfiltered if no file can be made."""
+    try:
+        capture = tempfile.NamedTemporaryFile(prefix=f"satdet-tf-startup-{os.getpid()}-", suffix=".log",  # noqa: SIM115
+                                              delete=False)
+    except OSError:
+        yield
+        return
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
+    fault_handler_was_on = faulthandler.is_enabled()
+    real_stderr = os.fdopen(os.dup(saved), "w")
+    faulthandler.enable(file=real_stderr)  # a fatal signal inside the block still reaches the terminal
+    os.dup2(capture.fileno(), 2)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        faulthandler.disable()
+        if fault_handler_was_on:
+            faulthandler.enable()
+        real_stderr.close()
+        capture.seek(0)
+        rest = drop_startup_noise(capture.read().decode(errors="replace"))
+        capture.close()
+        Path(capture.name).unlink(missing_ok=True)
+        if rest:
+            sys.stderr.write(rest)
             sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            rest = drop_startup_noise(capture.read().decode(errors="replace"))
-            if rest:
-                sys.stderr.write(rest)
-                sys.stderr.flush()
 
 
 def import_tensorflow() -> ModuleType:

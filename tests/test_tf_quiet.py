@@ -17,10 +17,10 @@ NATIVE_STARTUP = (
 )
 
 
-def _python(code: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "SATDET_TF_STARTUP_LOG"}
+def _python(code: str, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
+    env = {**{k: v for k, v in os.environ.items() if k != "SATDET_TF_STARTUP_LOG"}, **env}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
-                          check=True, timeout=300)
+                          check=check, timeout=300)
 
 
 def test_only_the_known_notices_are_dropped():
@@ -28,7 +28,43 @@ def test_only_the_known_notices_are_dropped():
     assert drop_startup_noise(NATIVE_STARTUP + real) == real
 
 
-def test_native_writes_to_fd_2_are_filtered_and_the_rest_replayed():
+def test_a_cuinit_failure_shows_when_a_driver_is_present():
+    # a GPU host with a broken driver: the cuInit line is the only hint that training will run on the CPU
+    broken = "E0000 cuda_platform.cc:52] failed call to cuInit: CUDA_ERROR_SYSTEM_DRIVER_MISMATCH\n"
+    assert drop_startup_noise(broken) == broken
+
+
+def test_a_crash_inside_the_block_still_reaches_the_terminal(tmp_path):
+    code = (
+        "import os\n"
+        "from pipeline.tf_quiet import quiet_native_stderr\n"
+        "with quiet_native_stderr():\n"
+        "    os.write(2, b'F0000 Check failed: something fatal\\n')\n"
+        "    os.abort()\n"
+    )
+    res = _python(code, check=False, TMPDIR=str(tmp_path))
+    assert res.returncode != 0
+    assert "Fatal Python error: Aborted" in res.stderr  # faulthandler, on the real stderr
+    logs = list(tmp_path.glob("satdet-tf-startup-*.log"))
+    assert len(logs) == 1 and "Check failed: something fatal" in logs[0].read_text()
+
+
+def test_without_a_temporary_file_nothing_is_filtered_and_nothing_breaks(monkeypatch):
+    import tempfile
+
+    from pipeline import tf_quiet
+
+    def no_file(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", no_file)
+    before = os.fstat(2)
+    with tf_quiet.quiet_native_stderr():
+        during = os.fstat(2)
+    assert (during.st_ino, during.st_dev) == (before.st_ino, before.st_dev) == (os.fstat(2).st_ino, os.fstat(2).st_dev)
+
+
+def test_native_writes_to_fd_2_are_filtered_and_the_rest_replayed(tmp_path):
     code = (
         "import os\n"
         "from pipeline.tf_quiet import quiet_native_stderr\n"
@@ -37,7 +73,8 @@ def test_native_writes_to_fd_2_are_filtered_and_the_rest_replayed():
         "    os.write(2, b'a real native error\\n')\n"
         "os.write(2, b'after\\n')\n"
     )
-    assert _python(code).stderr == "a real native error\nafter\n"
+    assert _python(code, TMPDIR=str(tmp_path)).stderr == "a real native error\nafter\n"
+    assert not list(tmp_path.glob("satdet-tf-startup-*.log"))  # removed once replayed
 
 
 def test_importing_tensorflow_through_it_prints_no_startup_notice():

@@ -15,6 +15,7 @@ failure leaves no partial output.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -67,11 +68,11 @@ class _ShardWriter:
 
     Records are written (framed, CRC'd, copied into the page cache) on a background thread, in order,
     while the caller cuts the next tiles: file writes release the GIL. At most `max_pending` records wait
-    in memory; a write error is raised by the next `write` or by `close`.
+    in memory; a write error is raised by a later `write` (once the queue is trimmed) or by `close`.
     """
 
     def __init__(self, folder: Path, shard_size: int, max_pending: int = 32) -> None:
-        self.folder, self.shard_size, self.max_pending = folder, shard_size, max_pending
+        self.folder, self.shard_size, self.max_pending = folder, shard_size, max(2, max_pending)
         self.writers: dict[str, RecordWriter] = {}
         self.counts: dict[str, int] = {}
         self.parts: dict[str, list[str]] = {s: [] for s in SPLITS}
@@ -95,13 +96,15 @@ class _ShardWriter:
         return self.parts[split][-1]
 
     def close(self) -> None:
+        """Wait for the queued writes and close every file; the first write error is raised."""
         try:
             for fut in self._pending:
                 fut.result()
         finally:
             self._thread.shutdown(wait=True)
-            for w in self.writers.values():
-                w.close()
+            with contextlib.ExitStack() as files:  # every file is closed even if one close fails
+                for w in self.writers.values():
+                    files.callback(w.close)
 
 
 def _select_tiles(scene: dict[str, Any], plan: dict[str, Any], config: Config, labels: Any
@@ -366,9 +369,11 @@ def tile_scene(config: Config, scene_index: int, work_dir: Path, progress: Progr
                         if progress:
                             progress(len(by_row[r]))
                 finally:
-                    writer.close()
-                    if encoders:
-                        encoders.shutdown()
+                    try:
+                        writer.close()
+                    finally:
+                        if encoders:
+                            encoders.shutdown()
                 per_class = np.bincount(np.concatenate([np.zeros(0, np.int64), *kept_ids]), minlength=len(classes) + 1)
                 qa["class_counts"] = {c: int(per_class[i + 1]) for i, c in enumerate(classes)}
                 atomic_write_text(out / "manifest.jsonl", "".join(m + "\n" for m in manifest))
