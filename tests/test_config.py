@@ -71,3 +71,19 @@ def test_resolved_config_round_trips(tmp_path):
     assert data["seed"] == 5 and data["tiling"]["overlap"] == 32  # defaults written out
     again = load_config(path)
     assert again.model_dump() == cfg.model_dump()
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_its_augmentation_builds(path):
+    from pipeline.data.augment import build_augmenter
+
+    cfg = load_config(path)
+    for scene in cfg.tiling.scenes:
+        # bundled data must be there; data/synthetic/ is what `satdet synth data/synthetic` writes
+        assert Path(scene.image).exists() or "synthetic" in Path(scene.image).parts, scene.image
+    stats = {"dtype": "uint8", "channels": 3, "bands": [1, 2, 3], "tile_size": cfg.tiling.tile_size,
+             "low": [0.0] * 3, "high": [255.0] * 3, "mean": [100.0] * 3, "std": [50.0] * 3}
+    assert (build_augmenter(cfg, stats) is None) == (not cfg.data.augment)
