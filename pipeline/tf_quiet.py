@@ -5,9 +5,9 @@ absl::InitializeLog()...", the oneDNN notice, "Could not find cuda drivers", and
 an `E... failed call to cuInit` that looks like a failure but is not). TF_CPP_MIN_LOG_LEVEL does not reach
 them. `import_tensorflow()` runs the import and the first device enumeration with file descriptor 2
 pointed at a temporary file, then writes back every line except those known start-up notices, so real
-errors and warnings still reach the user. A cuInit failure is dropped only next to "Could not find cuda
-drivers" (no driver at all); on a GPU host with a broken driver it is the message that explains a CPU
-run, and it shows. Set SATDET_TF_STARTUP_LOG=1 to see everything.
+errors and warnings still reach the user. A cuInit failure is dropped only where there is no GPU (no
+/dev/nvidia* device, or "Could not find cuda drivers"); on a GPU host with a broken driver it is the
+message that explains a CPU run, and it shows. Set SATDET_TF_STARTUP_LOG=1 to see everything.
 
 Should the process die during the import (a fatal TensorFlow check, an unsupported CPU), faulthandler
 prints the Python traceback to the real stderr, and the captured lines stay in
@@ -39,9 +39,17 @@ CUINIT_FAILED = "failed call to cuInit"  # noise only where there is no driver a
 _imported = False
 
 
-def drop_startup_noise(text: str) -> str:
-    """`text` without the lines that are known TensorFlow start-up notices."""
-    noise = STARTUP_NOISE + ((CUINIT_FAILED,) if NO_DRIVER in text else ())
+def gpu_device_present() -> bool:
+    """Whether the host exposes an NVIDIA device node (a driver is installed and a GPU is visible)."""
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def drop_startup_noise(text: str, gpu_present: bool | None = None) -> str:
+    """`text` without the lines that are known TensorFlow start-up notices (a cuInit failure is one only
+    where there is no GPU device or no driver)."""
+    if gpu_present is None:
+        gpu_present = gpu_device_present()
+    noise = STARTUP_NOISE + ((CUINIT_FAILED,) if NO_DRIVER in text or not gpu_present else ())
     return "".join(line for line in text.splitlines(keepends=True) if not any(n in line for n in noise))
 
 
@@ -58,7 +66,7 @@ def quiet_native_stderr() -> Iterator[None]:
     sys.stderr.flush()
     saved = os.dup(2)
     fault_handler_was_on = faulthandler.is_enabled()
-    real_stderr = os.fdopen(os.dup(saved), "w")
+    real_stderr = os.dup(saved)
     faulthandler.enable(file=real_stderr)  # a fatal signal inside the block still reaches the terminal
     os.dup2(capture.fileno(), 2)
     try:
@@ -68,9 +76,9 @@ def quiet_native_stderr() -> Iterator[None]:
         os.dup2(saved, 2)
         os.close(saved)
         faulthandler.disable()
-        if fault_handler_was_on:
-            faulthandler.enable()
-        real_stderr.close()
+        if fault_handler_was_on:  # back on the real descriptor 2 (sys.stderr may have no fileno, e.g. in tests)
+            faulthandler.enable(file=2)
+        os.close(real_stderr)
         capture.seek(0)
         rest = drop_startup_noise(capture.read().decode(errors="replace"))
         capture.close()

@@ -208,6 +208,10 @@ class _StripReader:
                 buf = self._take()
                 if buf is None:
                     return
+                wanted = self._wanted  # `want` may have come while this thread waited for a buffer
+                if wanted is not None and r not in wanted:
+                    self._free.put(buf)
+                    continue
                 h = min(r + self.tile, self.height) - r
                 end = min(self.height, -(-(r + h) // self.block_h) * self.block_h, r + self.cap)
                 start = r
