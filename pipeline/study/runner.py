@@ -140,13 +140,18 @@ def study_digest(config: Config, plan: StudyPlan, spec: RunSpec, tiles_dir: Path
     return h.hexdigest()[:16]
 
 
+def stored_run(config: Config, plan: StudyPlan, spec: RunSpec, tiles_dir: Path, out_dir: Path
+               ) -> tuple[str, dict[str, Any] | None]:
+    """(the digest a stored result must match to be reused, the run's stored result or None)."""
+    return study_digest(config, plan, spec, tiles_dir), load_result(out_dir, spec)
+
+
 def run_or_reuse(config: Config, plan: StudyPlan, spec: RunSpec, tiles_dir: Path, out_dir: Path,
-                 force: bool = False) -> dict[str, Any]:
+                 force: bool = False, stored: tuple[str, dict[str, Any] | None] | None = None) -> dict[str, Any]:
     """`run_one`, unless a stored ok/diverged result with the same config and tiles exists (and not `force`).
-    A reused result carries `reused: True`."""
-    digest = study_digest(config, plan, spec, tiles_dir)
-    old = None if force else load_result(out_dir, spec)
-    if old is not None and old.get("digest") == digest and old.get("status") in ("ok", "diverged"):
+    A reused result carries `reused: True`. `stored`: `stored_run`'s answer, when the caller has it."""
+    digest, old = stored or stored_run(config, plan, spec, tiles_dir, out_dir)
+    if not force and old is not None and old.get("digest") == digest and old.get("status") in ("ok", "diverged"):
         return {**old, "reused": True}
     return run_one(config, plan, spec, tiles_dir, out_dir, digest)
 
@@ -176,12 +181,13 @@ def run_study(
     runs = plan.runs()
     t0 = time.monotonic()
     for i, spec in enumerate(runs):
+        stored = stored_run(config, plan, spec, tiles_dir, out_dir)
         if on_event:
             log = runs_dir(out_dir) / spec.run_id / "train_log.jsonl"
-            stored = load_result(out_dir, spec)
-            stale = stored is not None and stored.get("digest") != study_digest(config, plan, spec, tiles_dir)
+            digest, old = stored
+            stale = old is not None and old.get("digest") != digest
             on_event("start", spec, {"index": i, "total": len(runs), "log": log, "stale": stale})
-        result = run_or_reuse(config, plan, spec, tiles_dir, out_dir, force)
+        result = run_or_reuse(config, plan, spec, tiles_dir, out_dir, force, stored)
         if on_event:
             on_event("end", spec, result)
     return write_report(config, plan, out_dir, study_wall_s=time.monotonic() - t0)
