@@ -202,13 +202,10 @@ class _StripReader:
         prev: tuple[int, int, np.ndarray] | None = None  # (first row, rows held, buffer) of the last strip
         try:
             for r in self.rows:
-                wanted = self._wanted
-                if wanted is not None and r not in wanted:
-                    continue
                 buf = self._take()
                 if buf is None:
                     return
-                wanted = self._wanted  # `want` may have come while this thread waited for a buffer
+                wanted = self._wanted  # checked once a buffer is held: `want` may come while waiting for one
                 if wanted is not None and r not in wanted:
                     self._free.put(buf)
                     continue
