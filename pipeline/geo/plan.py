@@ -206,15 +206,3 @@ def window_pairs(boxes: np.ndarray, cols: Sequence[int], rows: Sequence[int], ti
     key = (np.repeat(ra, n) + k // ncb) * len(cols_a) + np.repeat(ca, n) + k % ncb
     order = np.argsort(key, kind="stable")  # stable: box indices stay ascending within a window
     return box[order], key[order]
-
-
-def boxes_per_window(boxes: np.ndarray, cols: Sequence[int], rows: Sequence[int], tile: int
-                     ) -> dict[tuple[int, int], np.ndarray]:
-    """Indices (ascending) of the boxes touching each window (col_off, row_off); windows without boxes are
-    absent."""
-    box, key = window_pairs(boxes, cols, rows, tile)
-    if len(box) == 0:
-        return {}
-    uniq, first = np.unique(key, return_index=True)
-    return {(int(cols[u % len(cols)]), int(rows[u // len(cols)])): idx
-            for u, idx in zip(uniq.tolist(), np.split(box, first[1:]), strict=True)}

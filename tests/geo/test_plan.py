@@ -4,10 +4,10 @@ import pytest
 from pipeline.errors import SatdetError
 from pipeline.geo.plan import (
     block_edges,
-    boxes_per_window,
     plan_tiling,
     tile_starts,
     tile_windows,
+    window_pairs,
     window_split,
 )
 from pipeline.geo.synth import make_scene
@@ -30,14 +30,23 @@ def test_tile_not_larger_than_overlap_is_refused():
         tile_starts(100, 16, 16)
 
 
-def test_boxes_per_window_matches_brute_force():
+def _boxes_per_window(boxes, cols, rows, tile):
+    """window_pairs grouped by window: {(col_off, row_off): box indices}."""
+    box, key = window_pairs(boxes, cols, rows, tile)
+    out = {}
+    for b, k in zip(box.tolist(), key.tolist(), strict=True):
+        out.setdefault((cols[k % len(cols)], rows[k // len(cols)]), []).append(b)
+    return {w: np.asarray(idx) for w, idx in out.items()}
+
+
+def test_window_pairs_match_brute_force():
     rng = np.random.default_rng(0)
     xy = rng.uniform(-30, 330, (300, 2))
     wh = rng.uniform(0, 60, (300, 2))
     boxes = np.concatenate([xy, xy + wh], axis=1)
     boxes[:5, 2:] = boxes[:5, :2]  # degenerate (zero-area) boxes still touch by their edges rule
     cols, rows = tile_starts(300, 64, 16), tile_starts(260, 64, 16)
-    got = boxes_per_window(boxes, cols, rows, 64)
+    got = _boxes_per_window(boxes, cols, rows, 64)
     want = {}
     for i, (x0, y0, x1, y1) in enumerate(boxes):
         for r in rows:
@@ -47,7 +56,7 @@ def test_boxes_per_window_matches_brute_force():
     assert sorted(got) == sorted(want)
     for key, idx in want.items():
         assert got[key].tolist() == idx
-    assert boxes_per_window(np.zeros((0, 4)), cols, rows, 64) == {}
+    assert _boxes_per_window(np.zeros((0, 4)), cols, rows, 64) == {}
 
 
 def test_thin_block_remainder_joins_its_neighbour():
