@@ -19,6 +19,7 @@ from flows.caching import key_fn
 from flows.training import _transient
 from pipeline.config import Config, PredictConfig
 from pipeline.errors import SatdetError
+from pipeline.tf_quiet import import_tensorflow
 
 
 @task(
@@ -34,6 +35,7 @@ from pipeline.errors import SatdetError
 )
 def predict_task(config: Config, export_dir: Path, scenes: list[Path], out: Path, label: str) -> list[Path]:
     """Stream scenes through the model and write their detections to `out` (a file or a folder)."""
+    import_tensorflow()  # quietly, also when a Prefect worker (not the CLI) runs the flow
     from pipeline.predict import scene as scene_stage
 
     return [Path(p) for p in scene_stage.predict_scenes(Path(export_dir), list(scenes), Path(out), config.predict)]

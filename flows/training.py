@@ -29,6 +29,7 @@ from flows.caching import config_digest, key_fn
 from flows.reporting import publish_artifacts, slug
 from pipeline.config import Config, ConfigError, load_config, save_config
 from pipeline.errors import SatdetError
+from pipeline.tf_quiet import import_tensorflow
 
 # Share of the progress bar each stage completes (training dominates the wall time).
 _PROGRESS = {"tiled": 10.0, "dataset": 15.0, "trained": 90.0, "evaluated": 100.0}
@@ -89,6 +90,7 @@ def finalize_tiling(config: Config, scene_outputs: list[Path], out_dir: Path) ->
 )
 def build_dataset(config: Config, tiles_dir: Path) -> Path:
     """Check the tiles make a usable tf.data input (writes tiles/dataset.json)."""
+    import_tensorflow()  # quietly, also when a Prefect worker (not the CLI) runs the flow
     from pipeline.data import dataset
 
     return Path(dataset.run_dataset_check(config, Path(tiles_dir)))
@@ -103,6 +105,7 @@ def build_dataset(config: Config, tiles_dir: Path) -> Path:
 )
 def train(config: Config, tiles_dir: Path, model_dir: Path, progress_id: Any = None) -> Path:
     """Train the detector (called directly from the flow, so it runs on the flow's main thread)."""
+    import_tensorflow()  # quietly, also when a Prefect worker (not the CLI) runs the flow
     from pipeline.train import loop
 
     with _training_progress(Path(model_dir), config.train.steps, progress_id):
@@ -121,6 +124,7 @@ def train(config: Config, tiles_dir: Path, model_dir: Path, progress_id: Any = N
 )
 def evaluate(config: Config, model_dir: Path, tiles_dir: Path, out_dir: Path) -> Path:
     """Score the exported model per tile and per scene (metrics.json, report.md, pr_curve.png)."""
+    import_tensorflow()  # quietly, also when a Prefect worker (not the CLI) runs the flow
     from pipeline.evaluate import run
 
     return Path(run.run_evaluation(config, Path(model_dir), Path(tiles_dir), Path(out_dir)))

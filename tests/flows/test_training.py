@@ -216,3 +216,26 @@ def test_pipeline_end_to_end_writes_every_stage_and_completes(prefect_api, scene
     assert again.is_completed()
     assert counter == before  # nothing re-executed
     assert again.result()["AP50"] == result["AP50"]
+
+
+def test_tensorflow_stages_import_it_quietly_first_whoever_starts_the_flow(scenes, tmp_path, monkeypatch):
+    """A Prefect worker runs the tasks without the CLI: each TensorFlow stage imports TF through
+    pipeline.tf_quiet (no native start-up notices) before the stage module can import it noisily."""
+    from flows import prediction
+    from pipeline.config import config_from_dict
+    from pipeline.predict import scene as predict_stage
+
+    order: list[str] = []
+    for module in (training, prediction):
+        monkeypatch.setattr(module, "import_tensorflow", lambda: order.append("quiet-import"))
+    for module, name in ((dataset_stage, "run_dataset_check"), (train_stage, "run_training"),
+                         (eval_stage, "run_evaluation"), (predict_stage, "predict_scenes")):
+        result = [] if name == "predict_scenes" else "out"
+        monkeypatch.setattr(module, name, lambda *a, _n=name, _r=result, **k: order.append(_n) or _r)
+    config = config_from_dict(tiny_config(tmp_path / "runs", scenes))
+    training.build_dataset.fn(config, tmp_path)
+    training.train.fn(config, tmp_path, tmp_path / "model")
+    training.evaluate.fn(config, tmp_path, tmp_path, tmp_path / "eval")
+    prediction.predict_task.fn(config, tmp_path, [], tmp_path / "out", "x")
+    assert order == ["quiet-import", "run_dataset_check", "quiet-import", "run_training",
+                     "quiet-import", "run_evaluation", "quiet-import", "predict_scenes"]
