@@ -5,7 +5,7 @@
 Prints one JSON object:
   time.<scene>: best tiling seconds / best seconds of one `rasterio.open(p).read()` of the same file
                 (goal ≤ 1.3), over --repeat interleaved runs, each after os.sync(); also the ratio of the
-                medians and every run's time
+                medians, every run's time and the least CPU seconds (user + sys) of each
   rss: peak RSS of a tiling process at rss-size² and at (2·rss-size)² — 4× the area (goal ratio ≤ 1.2);
        each run in its own subprocess, plus a baseline process that imports everything and tiles a tiny scene.
 Synthetic scenes (deflate, tiled 256, like typical delivered imagery) are generated once under --work.
@@ -47,20 +47,29 @@ def _config(image: Path, out: Path):  # type: ignore[no-untyped-def]
     })
 
 
-def _tile_once(image: Path, out: Path) -> float:
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _tile_once(image: Path, out: Path, cpu: list[float] | None = None) -> float:
     from pipeline.geo.tiling import run_tiling
 
-    t0 = time.perf_counter()
+    c0, t0 = _cpu_s(), time.perf_counter()
     run_tiling(_config(image, out), out / "tiles")
+    if cpu is not None:
+        cpu.append(_cpu_s() - c0)
     return time.perf_counter() - t0
 
 
-def _read_once(image: Path) -> float:
+def _read_once(image: Path, cpu: list[float] | None = None) -> float:
     import rasterio
 
-    t0 = time.perf_counter()
+    c0, t0 = _cpu_s(), time.perf_counter()
     with rasterio.open(image) as ds:
         ds.read()
+    if cpu is not None:
+        cpu.append(_cpu_s() - c0)
     return time.perf_counter() - t0
 
 
@@ -104,20 +113,23 @@ def main() -> None:
     for name, dtype, bands in () if args.rss_only else (("rgb_uint8", "uint8", 3), ("b4_uint16", "uint16", 4)):
         image = _scene(args.work, f"{name}_{args.size}", args.size, dtype, bands)
         _read_once(image)  # warm the page cache so both measurements start from the same state
-        reads, tiles = [], []
+        reads, tiles, read_cpu, tile_cpu = [], [], [], []
         for _ in range(args.repeat):  # interleaved; best of each (this VM's timings vary by up to 2x)
             os.sync()  # no writeback of the previous run's tiles competing with this measurement
-            reads.append(_read_once(image))
+            reads.append(_read_once(image, read_cpu))
             os.sync()
             out = Path(tempfile.mkdtemp(dir=args.work))
-            tiles.append(_tile_once(image, out))
+            tiles.append(_tile_once(image, out, tile_cpu))
             tiles_bytes = sum(p.stat().st_size for p in out.rglob("*.tfrecord"))
             subprocess.run(["rm", "-rf", str(out)], check=False)
         read, tile = min(reads), min(tiles)
         result["time"][name] = {"size": args.size, "read_s": round(read, 3), "tiling_s": round(tile, 3),
                                 "ratio": round(tile / read, 3),
                                 "ratio_of_medians": round(statistics.median(tiles) / statistics.median(reads), 3),
-                                "read_runs_s": [round(x, 3) for x in reads], "tiling_runs_s": [round(x, 3) for x in tiles], "file_mb": round(image.stat().st_size / 2**20, 1),
+                                "read_runs_s": [round(x, 3) for x in reads], "tiling_runs_s": [round(x, 3) for x in tiles],
+                                # CPU seconds (user + sys, all threads): steadier than wall time on a shared VM
+                                "read_cpu_s": round(min(read_cpu), 3), "tiling_cpu_s": round(min(tile_cpu), 3),
+                                "file_mb": round(image.stat().st_size / 2**20, 1),
                                 "tfrecord_mb": round(tiles_bytes / 2**20, 1)}
         for p in args.work.glob("tmp*"):
             subprocess.run(["rm", "-rf", str(p)], check=False)
