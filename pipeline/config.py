@@ -127,12 +127,6 @@ class ModelConfig(_Section):
         "too slow for runs of a few thousand steps: inference statistics lag far behind the weights. "
         "null keeps the application's value.",
     )
-    input_norm: Literal["dataset", "per_image"] = Field(
-        "dataset",
-        description="'dataset': images arrive normalised by stats.json and go to the backbone as they are. "
-        "'per_image': the model also standardises each image per band (mean 0, std 1, std floored at "
-        "0.1) before the backbone, removing scene-wide brightness and colour shifts (e.g. between sites).",
-    )
     fpn_channels: int = Field(256, gt=0, description="FPN channels.")
     min_level: int = Field(2, ge=2, le=5, description="Finest FPN level (stride 2**min_level).")
     max_level: int = Field(6, ge=3, le=7, description="Coarsest FPN level for the RPN.")

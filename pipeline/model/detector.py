@@ -37,7 +37,6 @@ from pipeline.model.rpn import (
 LOSS_NAMES = ("rpn_objectness", "rpn_box", "roi_class", "roi_box")
 _SIZE_DIVISOR = 32  # the coarsest backbone stride
 _ROI_MAX_LEVEL = 5  # ROI heads pool from P2-P5 at most (P6 exists for large anchors only)
-PER_IMAGE_MIN_STD = 0.1  # model.input_norm "per_image": floor of the per-band std
 
 
 @contextlib.contextmanager
@@ -97,8 +96,6 @@ class FasterRCNN(keras.Model):
             raise ValueError("FasterRCNN needs images with a static height and width")
         ph, pw = (-h) % _SIZE_DIVISOR, (-w) % _SIZE_DIVISOR
         x = tf.cast(images, tf.float32)
-        if self.cfg.input_norm == "per_image":
-            x = standardize_per_image(x)
         if ph or pw:
             x = tf.pad(x, [[0, 0], [0, ph], [0, pw], [0, 0]])
         c = self.backbone(x, training=training)
@@ -193,13 +190,6 @@ class FasterRCNN(keras.Model):
 
     def get_config(self) -> dict[str, Any]:
         return {"model_cfg": self.cfg.model_dump(mode="json"), "num_classes": self.num_classes, "bands": self.bands}
-
-
-def standardize_per_image(images: tf.Tensor, min_std: float = PER_IMAGE_MIN_STD) -> tf.Tensor:
-    """Each image of [B, H, W, C] to mean 0 and std 1 per band; std is floored at `min_std` (in the
-    dataset-normalised units the model receives) so a near-uniform image is not blown up into noise."""
-    mean, variance = tf.nn.moments(images, axes=[1, 2], keepdims=True)
-    return (images - mean) / tf.maximum(tf.sqrt(variance), min_std)
 
 
 def build_detector(model_cfg: ModelConfig, num_classes: int, bands: int) -> FasterRCNN:

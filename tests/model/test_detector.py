@@ -112,28 +112,3 @@ def test_tf_checkpoint_restores_weights_and_the_sampling_rng(tmp_path, make_conf
     want = sample_balanced(labels, 64, 0.5, model.seed_generator)
     got = sample_balanced(labels, 64, 0.5, clone.seed_generator)
     assert all(np.array_equal(w.numpy(), g.numpy()) for w, g in zip(want, got))
-
-
-def test_standardize_per_image_gives_zero_mean_unit_std_and_leaves_flat_images_finite():
-    from pipeline.model.detector import PER_IMAGE_MIN_STD, standardize_per_image
-
-    rng = np.random.default_rng(0)
-    images = rng.normal([3.0, -1.0, 0.5], [2.0, 0.5, 1.0], (2, 32, 48, 3)).astype(np.float32)
-    out = standardize_per_image(tf.constant(images)).numpy()
-    assert np.allclose(out.mean(axis=(1, 2)), 0, atol=1e-5) and np.allclose(out.std(axis=(1, 2)), 1, atol=1e-4)
-    flat = np.full((1, 16, 16, 3), 7.0, np.float32)
-    flat[0, 0, 0] += 0.01  # almost uniform: the floor keeps it from being blown up into +-4 noise
-    out = standardize_per_image(tf.constant(flat)).numpy()
-    assert np.isfinite(out).all() and np.abs(out).max() <= 0.01 / PER_IMAGE_MIN_STD + 1e-5
-
-
-@pytest.mark.parametrize("input_norm", ["per_image", "dataset"])
-def test_per_image_input_norm_makes_features_blind_to_a_scene_wide_colour_shift(tiles, make_config, input_norm):
-    images, _ = tiles
-    model = build_detector(make_config(input_norm=input_norm), num_classes=2, bands=3)
-    gain, offset = np.array([1.6, 0.7, 1.2], np.float32), np.array([0.8, -0.5, 0.3], np.float32)
-    a = model._features(tf.constant(images), training=False)
-    b = model._features(tf.constant(images * gain + offset), training=False)
-    same = all(np.allclose(x.numpy(), y.numpy(), atol=1e-3) for x, y in zip(a, b, strict=True))
-    assert same == (input_norm == "per_image")
-    assert model.get_config()["model_cfg"]["input_norm"] == input_norm
