@@ -97,17 +97,23 @@ def _vector_boxes(path: Path, info: RasterInfo, classes: Sequence[str], label_fi
     else:
         raise SatdetError(f"{path}: no attribute {label_field!r} holding the class name (attributes: "
                           f"{names_in_file}); set tiling.label_field")
-    # Reproject every vertex, map it to pixel space and take the bounds: exact for rotated transforms too.
+    # Reproject every vertex, map it to pixel space and take each polygon's bounds: exact for rotated
+    # transforms too. Bounds come from the coordinates, not rebuilt geometries, so a vertex the projection
+    # cannot map (inf/NaN, e.g. projected coordinates in a file that claims EPSG:4326) gives a non-finite
+    # box that read_labels counts as invalid instead of a GEOS error.
     inv = ~_affine(info.transform)
     matrix = np.array([[inv.a, inv.d], [inv.b, inv.e]])
     offset = np.array([inv.c, inv.f])
-
-    def to_pixels(xy: np.ndarray) -> np.ndarray:
-        if to_raster is not None:
+    xy, owner = shapely.get_coordinates(geoms[ok], return_index=True)  # grouped by polygon, in order
+    if to_raster is not None:
+        with np.errstate(invalid="ignore"):
             xy = np.column_stack(to_raster.transform(xy[:, 0], xy[:, 1]))
-        return xy @ matrix + offset
-
-    boxes = shapely.bounds(shapely.transform(geoms[ok], to_pixels)).reshape(-1, 4)
+    with np.errstate(invalid="ignore"):
+        xy = xy @ matrix + offset
+    if len(xy) == 0:
+        return np.zeros((0, 4)), names, invalid
+    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])  # every kept polygon has vertices
+    boxes = np.hstack([np.minimum.reduceat(xy, starts), np.maximum.reduceat(xy, starts)])
     return boxes, names, invalid
 
 

@@ -91,6 +91,20 @@ def test_invalid_and_non_polygon_geometries_are_skipped_and_counted(tmp_path, sc
     assert any("3 invalid" in w for w in labels.warnings)
 
 
+def test_polygons_the_projection_cannot_map_are_counted_as_invalid(tmp_path, scene):
+    """Projected metres in a file that says EPSG:4326 (a GeoJSON without a crs member is read as 4326):
+    latitudes beyond 90 do not reproject; those polygons are skipped and counted, the rest are kept."""
+    good = gpd.read_file(scene.labels)
+    wrong = Polygon([(200, 95), (201, 95), (201, 96), (200, 96)])  # lon 200, lat 95: outside the domain
+    path = tmp_path / "wrong.gpkg"
+    gpd.GeoDataFrame({"label": [*good["label"], "roof"]}, geometry=[*good.geometry, wrong],
+                     crs="EPSG:4326").to_file(path)
+    labels = read_labels(path, raster_info(scene.image), CLASSES)
+    assert len(labels) == len(good) == 6
+    assert np.abs(labels.boxes - scene.boxes_px).max() <= 0.5
+    assert labels.invalid_geometries == 1
+
+
 def test_unknown_class_is_an_error_listing_both(scene):
     with pytest.raises(SatdetError, match=r"\['crown', 'roof', 'vehicle'\] not in the configured classes \['tree'\]"):
         read_labels(scene.labels, raster_info(scene.image), ["tree"])
