@@ -21,6 +21,7 @@ import faulthandler
 import os
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -37,6 +38,7 @@ NO_DRIVER = "Could not find cuda drivers on your machine"
 CUINIT_FAILED = "failed call to cuInit"  # noise only where there is no driver at all
 
 _imported = False
+_lock = threading.Lock()
 
 
 def gpu_device_present() -> bool:
@@ -91,13 +93,14 @@ def quiet_native_stderr() -> Iterator[None]:
 def import_tensorflow() -> ModuleType:
     """`import tensorflow` and enumerate devices once, filtering the native start-up notices from stderr."""
     global _imported
-    if _imported or os.environ.get("SATDET_TF_STARTUP_LOG") == "1":
-        import tensorflow as tf
+    with _lock:  # fd 2 is process-wide: two threads must not swap it at once
+        if _imported or os.environ.get("SATDET_TF_STARTUP_LOG") == "1":
+            import tensorflow as tf
 
+            return tf
+        with quiet_native_stderr():
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()  # the CUDA probe (cuInit) happens here, not at import
+        _imported = True
         return tf
-    with quiet_native_stderr():
-        import tensorflow as tf
-
-        tf.config.list_physical_devices()  # the CUDA probe (cuInit) happens here, not at import
-    _imported = True
-    return tf
