@@ -52,25 +52,23 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _tile_once(image: Path, out: Path, cpu: list[float] | None = None) -> float:
+def _tile_once(image: Path, out: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds: user + sys of every thread) of tiling `image` into `out`."""
     from pipeline.geo.tiling import run_tiling
 
     c0, t0 = _cpu_s(), time.perf_counter()
     run_tiling(_config(image, out), out / "tiles")
-    if cpu is not None:
-        cpu.append(_cpu_s() - c0)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, _cpu_s() - c0
 
 
-def _read_once(image: Path, cpu: list[float] | None = None) -> float:
+def _read_once(image: Path) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of one plain full read of `image`."""
     import rasterio
 
     c0, t0 = _cpu_s(), time.perf_counter()
     with rasterio.open(image) as ds:
         ds.read()
-    if cpu is not None:
-        cpu.append(_cpu_s() - c0)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, _cpu_s() - c0
 
 
 def _child(image: str, out: str) -> None:
@@ -113,15 +111,16 @@ def main() -> None:
     for name, dtype, bands in () if args.rss_only else (("rgb_uint8", "uint8", 3), ("b4_uint16", "uint16", 4)):
         image = _scene(args.work, f"{name}_{args.size}", args.size, dtype, bands)
         _read_once(image)  # warm the page cache so both measurements start from the same state
-        reads, tiles, read_cpu, tile_cpu = [], [], [], []
+        read_runs, tile_runs = [], []  # (wall s, CPU s) per run
         for _ in range(args.repeat):  # interleaved; best of each (this VM's timings vary by up to 2x)
             os.sync()  # no writeback of the previous run's tiles competing with this measurement
-            reads.append(_read_once(image, read_cpu))
+            read_runs.append(_read_once(image))
             os.sync()
             out = Path(tempfile.mkdtemp(dir=args.work))
-            tiles.append(_tile_once(image, out, tile_cpu))
+            tile_runs.append(_tile_once(image, out))
             tiles_bytes = sum(p.stat().st_size for p in out.rglob("*.tfrecord"))
             subprocess.run(["rm", "-rf", str(out)], check=False)
+        (reads, read_cpu), (tiles, tile_cpu) = zip(*read_runs, strict=True), zip(*tile_runs, strict=True)
         read, tile = min(reads), min(tiles)
         result["time"][name] = {"size": args.size, "read_s": round(read, 3), "tiling_s": round(tile, 3),
                                 "ratio": round(tile / read, 3),

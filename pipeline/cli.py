@@ -249,7 +249,6 @@ def run_cmd(
     """Run the training pipeline as a Prefect flow: tile → dataset → train → evaluate (finished stages are cached)."""
     load(config, set_)  # fail fast, with one line, before Prefect starts
     _prefect_env()
-    import_tensorflow()
     from flows.training import train_pipeline
 
     result = train_pipeline(config_path=str(config), overrides=list(set_ or []), force=force)
@@ -275,7 +274,6 @@ def predict_flow_cmd(
     """Predict whole scenes with an exported model, as a Prefect flow (one task per scene)."""
     cfg = load(config, set_) if config or set_ else None
     _prefect_env()
-    import_tensorflow()
     from flows.prediction import predict_scenes
 
     written = predict_scenes(

@@ -80,8 +80,8 @@ def _vector_boxes(path: Path, info: RasterInfo, classes: Sequence[str], label_fi
         raise SatdetError(f"{info.path}: raster has no CRS but the labels {path.name} are in "
                           f"{crs.to_string()}; assign the raster's CRS (gdal_edit.py -a_srs EPSG:xxxx) "
                           "or give pixel labels (CSV/COCO/VOC)")
-    elif CRS.from_user_input(info.crs) != crs:
-        to_raster = Transformer.from_crs(crs, CRS.from_user_input(info.crs), always_xy=True)
+    elif (raster_crs := CRS.from_user_input(info.crs)) != crs:
+        to_raster = Transformer.from_crs(crs, raster_crs, always_xy=True)
 
     geoms = shapely.from_wkb(wkb)
     kind = shapely.get_type_id(geoms)
@@ -104,14 +104,13 @@ def _vector_boxes(path: Path, info: RasterInfo, classes: Sequence[str], label_fi
     inv = ~_affine(info.transform)
     matrix = np.array([[inv.a, inv.d], [inv.b, inv.e]])
     offset = np.array([inv.c, inv.f])
-    xy, owner = shapely.get_coordinates(geoms[ok], return_index=True)  # grouped by polygon, in order
-    if to_raster is not None:
-        with np.errstate(invalid="ignore"):
-            xy = np.column_stack(to_raster.transform(xy[:, 0], xy[:, 1]))
-    with np.errstate(invalid="ignore"):
-        xy = xy @ matrix + offset
-    if len(xy) == 0:
+    if not ok.any():
         return np.zeros((0, 4)), names, invalid
+    xy, owner = shapely.get_coordinates(geoms[ok], return_index=True)  # grouped by polygon, in order
+    with np.errstate(invalid="ignore"):
+        if to_raster is not None:
+            xy = np.column_stack(to_raster.transform(xy[:, 0], xy[:, 1]))
+        xy = xy @ matrix + offset
     starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])  # every kept polygon has vertices
     boxes = np.hstack([np.minimum.reduceat(xy, starts), np.maximum.reduceat(xy, starts)])
     return boxes, names, invalid
