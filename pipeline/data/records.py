@@ -68,8 +68,9 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
+@functools.lru_cache(maxsize=4096)
 def _field(number: int, payload_len: int) -> bytes:
-    """Tag and length of a length-delimited field."""
+    """Tag and length of a length-delimited field (cached: the same few lengths recur from tile to tile)."""
     return _varint(number << 3 | 2) + _varint(payload_len)
 
 

@@ -42,15 +42,19 @@ class SceneLabels:
         return len(self.boxes)
 
 
-def _class_ids(names: Sequence[str], classes: Sequence[str], path: Path) -> np.ndarray:
+def _class_ids(names: Sequence[str] | np.ndarray, classes: Sequence[str], path: Path) -> np.ndarray:
+    """1-based ids of `names` in `classes` (case-insensitive); each distinct name is looked up once."""
     lookup = {c.lower(): i + 1 for i, c in enumerate(classes)}
-    unknown = sorted({str(n) for n in names if str(n).lower() not in lookup})
+    distinct, inverse = np.unique(np.asarray(names, dtype=str), return_inverse=True)
+    distinct_names = distinct.tolist()
+    unknown = sorted({n for n in distinct_names if n.lower() not in lookup})
     if unknown:
         raise SatdetError(
             f"{path}: label class(es) {unknown} not in the configured classes {list(classes)}; "
             "add them to `classes` in the config or fix the labels"
         )
-    return np.asarray([lookup[str(n).lower()] for n in names], dtype=np.int64)
+    ids = np.asarray([lookup[n.lower()] for n in distinct_names], dtype=np.int64)
+    return ids[inverse.reshape(-1)]
 
 
 def _vector_boxes(path: Path, info: RasterInfo, classes: Sequence[str], label_field: str
@@ -91,7 +95,7 @@ def _vector_boxes(path: Path, info: RasterInfo, classes: Sequence[str], label_fi
 
     names_in_file = list(meta["fields"])
     if label_field in names_in_file:
-        names = np.asarray(fields[names_in_file.index(label_field)]).astype(str)[ok].tolist()
+        names = np.asarray(fields[names_in_file.index(label_field)]).astype(str)[ok]
     elif len(classes) == 1:
         names = [classes[0]] * int(ok.sum())  # single-class labels need no attribute
     else:
@@ -225,8 +229,7 @@ def read_labels(path: str | Path | None, info: RasterInfo, classes: Sequence[str
     good[finite] = (boxes[finite, 2] > boxes[finite, 0]) & (boxes[finite, 3] > boxes[finite, 1])
     invalid += int((~good).sum())
     boxes = boxes[good]
-    names = [n for n, g in zip(names, good) if g]
-    ids = _class_ids(names, classes, path)
+    ids = _class_ids(np.asarray(names, dtype=str)[good] if len(names) else [], classes, path)
 
     inside = ((boxes[:, 2] > 0) & (boxes[:, 0] < info.width) & (boxes[:, 3] > 0) & (boxes[:, 1] < info.height))
     outside = int((~inside).sum())

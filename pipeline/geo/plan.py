@@ -164,16 +164,35 @@ def plan_tiling(config: Config) -> dict[str, Any]:
     }
 
 
-def window_split(scene: dict[str, Any], col: int, row: int, tile: int) -> str | None:
-    """The split of a tile window, or None when it touches blocks of different splits (a straddler)."""
+def window_splits(scene: dict[str, Any], cols: Sequence[int], rows: Sequence[int], tile: int
+                  ) -> list[list[str | None]]:
+    """The split of every tile window (`[row index][col index]`), None where a window touches blocks of
+    different splits (a straddler). The block ranges are found for all columns and rows at once; windows
+    spanning the same blocks share one answer."""
     xe, ye = scene["x_edges"], scene["y_edges"]
-    c1, r1 = min(col + tile, scene["width"]), min(row + tile, scene["height"])
-    jx0 = int(np.searchsorted(xe, col, "right")) - 1
-    jx1 = int(np.searchsorted(xe, c1, "left")) - 1
-    jy0 = int(np.searchsorted(ye, row, "right")) - 1
-    jy1 = int(np.searchsorted(ye, r1, "left")) - 1
-    found = {scene["block_splits"][jy][jx] for jy in range(jy0, jy1 + 1) for jx in range(jx0, jx1 + 1)}
-    return found.pop() if len(found) == 1 else None
+    c, r = np.asarray(cols), np.asarray(rows)
+    jx0 = np.searchsorted(xe, c, "right") - 1
+    jx1 = np.searchsorted(xe, np.minimum(c + tile, scene["width"]), "left") - 1
+    jy0 = np.searchsorted(ye, r, "right") - 1
+    jy1 = np.searchsorted(ye, np.minimum(r + tile, scene["height"]), "left") - 1
+    xs = list(zip(jx0.tolist(), jx1.tolist(), strict=True))
+    blocks = scene["block_splits"]
+    memo: dict[tuple[int, int, int, int], str | None] = {}
+
+    def split_of(y0: int, y1: int, x0: int, x1: int) -> str | None:
+        found = {blocks[jy][jx] for jy in range(y0, y1 + 1) for jx in range(x0, x1 + 1)}
+        return found.pop() if len(found) == 1 else None
+
+    out = []
+    for y0, y1 in zip(jy0.tolist(), jy1.tolist(), strict=True):
+        row = []
+        for x0, x1 in xs:
+            key = (y0, y1, x0, x1)
+            if key not in memo:
+                memo[key] = split_of(*key)
+            row.append(memo[key])
+        out.append(row)
+    return out
 
 
 def splits_json(plan: dict[str, Any]) -> dict[str, Any]:

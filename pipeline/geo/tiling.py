@@ -41,7 +41,7 @@ from pipeline.errors import SatdetError
 from pipeline.files import atomic_dir, atomic_write_json, atomic_write_text
 from pipeline.geo.edges import EdgePolicy
 from pipeline.geo.labels import read_labels
-from pipeline.geo.plan import SPLITS, plan_tiling, splits_json, tile_starts, window_pairs, window_split
+from pipeline.geo.plan import SPLITS, plan_tiling, splits_json, tile_starts, window_pairs, window_splits
 from pipeline.geo.raster import info_from_dataset, nodata_mask, open_raster
 
 __all__ = ["EdgePolicy", "finalize_tiling", "plan_tiling", "run_tiling", "tile_scene"]
@@ -131,9 +131,10 @@ def _select_tiles(scene: dict[str, Any], plan: dict[str, Any], config: Config, l
     kept_ids = labels.class_ids[box[res.index]]
     counts = {"straddling_dropped": 0, "empty_dropped": 0}
     candidates: dict[str, dict[str, list[dict[str, Any]]]] = {s: {"pos": [], "neg": []} for s in SPLITS}
+    splits = window_splits(scene, cols, rows, tile)
     for i, r in enumerate(rows):
         for j, c in enumerate(cols):
-            split = window_split(scene, c, r, tile)
+            split = splits[i][j]
             if split is None:
                 counts["straddling_dropped"] += 1
                 continue
