@@ -22,6 +22,7 @@ import math
 import multiprocessing
 import os
 import queue
+import re
 import shutil
 import tempfile
 import threading
@@ -417,13 +418,41 @@ def tile_scene(config: Config, scene_index: int, work_dir: Path, progress: Progr
 
 
 # ------------------------------------------------------------------------------------------ merge
+_SHARD_KEY = re.compile(r'"shard": "([^"\\]+)"\}$', re.MULTILINE)
+
+def _percentile_stats(samples: np.ndarray, percentiles: tuple[float, float]
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-band (low, high, mean, std) of (N, C) samples: low/high as np.percentile (linear), mean/std of
+    the samples clipped to [low, high]. Integer pixels of at most 16 bits are counted into histograms
+    (no float copy, no sort); anything else goes through NumPy."""
+    if samples.dtype.kind in "ui" and samples.dtype.itemsize <= 2:
+        lo_value = int(np.iinfo(samples.dtype).min)
+        n = len(samples)
+        out = np.zeros((4, samples.shape[1]))
+        for band in range(samples.shape[1]):
+            counts = np.bincount(samples[:, band].astype(np.int64) - lo_value)
+            values = np.arange(len(counts), dtype=np.float64) + lo_value
+            ends = np.cumsum(counts)  # the sorted samples: ends[k-1] <= index < ends[k] holds values[k]
+            pct = []
+            for p in percentiles:
+                h = (n - 1) * (p / 100)
+                i = math.floor(h)
+                a, b = values[np.searchsorted(ends, [i, min(i + 1, n - 1)], side="right")]
+                pct.append(a + (b - a) * (h - i))
+            clipped = np.clip(values, pct[0], pct[1])
+            mean = float(counts @ clipped) / n
+            out[:, band] = (pct[0], pct[1], mean, math.sqrt(float(counts @ (clipped - mean) ** 2) / n))
+        return out[0], out[1], out[2], out[3]
+    samples = samples.astype(np.float64)
+    low, high = np.percentile(samples, list(percentiles), axis=0)  # one partition pass for both
+    clipped = np.clip(samples, low, high)
+    return low, high, clipped.mean(axis=0), clipped.std(axis=0)
+
+
 def _stats(samples: np.ndarray, plan: dict[str, Any], percentiles: tuple[float, float]) -> dict[str, Any]:
     """Per-band low/high percentiles and mean/std of the clipped pixels (the normalisation contract)."""
-    samples = samples.astype(np.float64)
     if len(samples):
-        low, high = np.percentile(samples, list(percentiles), axis=0)  # one partition pass for both
-        clipped = np.clip(samples, low, high)
-        mean, std = clipped.mean(axis=0), clipped.std(axis=0)
+        low, high, mean, std = _percentile_stats(samples, percentiles)
     else:
         low = high = mean = np.zeros(plan["channels"])
         std = np.ones(plan["channels"])
@@ -467,10 +496,13 @@ def finalize_tiling(config: Config, scene_outputs: list[Path], out_dir: Path) ->
                 renames[(index, src.name)] = name
         with open(tmp / "manifest.jsonl", "w") as fh:
             for m, p in metas:
-                for line in (p / "manifest.jsonl").read_text().splitlines():
-                    rec = json.loads(line)
-                    rec["shard"] = renames[(m["index"], rec["shard"])]
-                    fh.write(json.dumps(rec) + "\n")
+                # scene lines end with their part's name ("shard" is written last; JSON escapes quotes inside
+                # values, so only that key matches): rename by text, not by decoding and re-encoding each line
+                text = (p / "manifest.jsonl").read_text()
+                text, n = _SHARD_KEY.subn(lambda g, i=m["index"]: f'"shard": "{renames[(i, g[1])]}"}}', text)
+                if n != text.count("\n"):
+                    raise SatdetError(f"{p / 'manifest.jsonl'}: a line lacks its shard; tile the scene again")
+                fh.write(text)
 
         warnings = [w for m, _ in metas for w in m["warnings"]]
         train = [np.load(p / "sample_train.npy") for _, p in metas]

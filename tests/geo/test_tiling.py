@@ -203,3 +203,20 @@ def test_real_neon_scene_tiles_its_61_trees(tmp_path):
     tiles = run_tiling(cfg, tmp_path / "tiles")
     (m,) = _manifest(tiles)
     assert m["n_boxes"] == 61 and m["crs"] == "EPSG:32617"
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16"])
+def test_histogram_stats_equal_numpy_percentiles(dtype):
+    from pipeline.geo.tiling import _percentile_stats
+
+    rng = np.random.default_rng(3)
+    info = np.iinfo(dtype)
+    for n in (1, 2, 9, 5000):
+        samples = rng.integers(info.min, info.max, (n, 3), endpoint=True).astype(dtype)
+        for pct in ((1.0, 99.0), (0.0, 100.0), (37.5, 62.5)):
+            got = _percentile_stats(samples, pct)
+            as_float = samples.astype(np.float64)
+            low, high = np.percentile(as_float, list(pct), axis=0)
+            clipped = np.clip(as_float, low, high)
+            for g, want in zip(got, (low, high, clipped.mean(axis=0), clipped.std(axis=0)), strict=True):
+                np.testing.assert_allclose(g, want, rtol=1e-12, atol=1e-9)
