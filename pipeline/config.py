@@ -88,6 +88,9 @@ class TilingConfig(_Section):
             raise ValueError(
                 f"tiling.overlap ({self.overlap}) must be smaller than tiling.tile_size ({self.tile_size})"
             )
+        low, high = self.stats_percentiles
+        if not 0 <= low <= high <= 100:
+            raise ValueError(f"tiling.stats_percentiles ({low}, {high}) must be low <= high, both in 0..100")
         return self
 
 

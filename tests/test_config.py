@@ -54,6 +54,12 @@ def test_tile_size_not_above_overlap_is_refused(tmp_path):
         load_config(_write(tmp_path, "tiling:\n  tile_size: 64\n  overlap: 64\n"))
 
 
+@pytest.mark.parametrize("pct", ["[-5, 50]", "[1, 105]", "[99, 1]"])
+def test_stats_percentiles_out_of_order_or_range_are_refused(tmp_path, pct):
+    with pytest.raises(ConfigError, match=r"tiling.stats_percentiles .* must be low <= high, both in 0..100"):
+        load_config(_write(tmp_path, f"tiling:\n  stats_percentiles: {pct}\n"))
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
         load_config(tmp_path / "nope.yaml")

@@ -42,10 +42,20 @@ class SceneLabels:
         return len(self.boxes)
 
 
-def _class_ids(names: Sequence[str] | np.ndarray, classes: Sequence[str], path: Path) -> np.ndarray:
-    """1-based ids of `names` in `classes` (case-insensitive); each distinct name is looked up once."""
+def _as_names(names: Sequence[object] | np.ndarray) -> np.ndarray:
+    """Label names as a 1-D object array of str (any value is named by its `str`, as in the messages)."""
+    out = np.empty(len(names), dtype=object)
+    out[:] = [n if type(n) is str else str(n) for n in names]
+    return out
+
+
+def _class_ids(names: np.ndarray, classes: Sequence[str], path: Path) -> np.ndarray:
+    """1-based ids of `names` (from `_as_names`) in `classes`, case-insensitively; each distinct name is
+    looked up once."""
     lookup = {c.lower(): i + 1 for i, c in enumerate(classes)}
-    distinct, inverse = np.unique(np.asarray(names, dtype=str), return_inverse=True)
+    if len(names) == 0:
+        return np.zeros(0, np.int64)
+    distinct, inverse = np.unique(names, return_inverse=True)
     distinct_names = distinct.tolist()
     unknown = sorted({n for n in distinct_names if n.lower() not in lookup})
     if unknown:
@@ -95,7 +105,7 @@ def _vector_boxes(path: Path, info: RasterInfo, classes: Sequence[str], label_fi
 
     names_in_file = list(meta["fields"])
     if label_field in names_in_file:
-        names = np.asarray(fields[names_in_file.index(label_field)]).astype(str)[ok]
+        names = np.asarray(fields[names_in_file.index(label_field)], dtype=object)[ok]
     elif len(classes) == 1:
         names = [classes[0]] * int(ok.sum())  # single-class labels need no attribute
     else:
@@ -229,7 +239,7 @@ def read_labels(path: str | Path | None, info: RasterInfo, classes: Sequence[str
     good[finite] = (boxes[finite, 2] > boxes[finite, 0]) & (boxes[finite, 3] > boxes[finite, 1])
     invalid += int((~good).sum())
     boxes = boxes[good]
-    ids = _class_ids(np.asarray(names, dtype=str)[good] if len(names) else [], classes, path)
+    ids = _class_ids(_as_names(names)[good], classes, path)
 
     inside = ((boxes[:, 2] > 0) & (boxes[:, 0] < info.width) & (boxes[:, 3] > 0) & (boxes[:, 1] < info.height))
     outside = int((~inside).sum())

@@ -438,7 +438,8 @@ def _percentile_stats(samples: np.ndarray, percentiles: tuple[float, float]
                 h = (n - 1) * (p / 100)
                 i = math.floor(h)
                 a, b = values[np.searchsorted(ends, [i, min(i + 1, n - 1)], side="right")]
-                pct.append(a + (b - a) * (h - i))
+                t = h - i  # NumPy's linear interpolation, to the last bit (it lerps from b when t >= 0.5)
+                pct.append(b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t)
             clipped = np.clip(values, pct[0], pct[1])
             mean = float(counts @ clipped) / n
             out[:, band] = (pct[0], pct[1], mean, math.sqrt(float(counts @ (clipped - mean) ** 2) / n))
@@ -500,7 +501,7 @@ def finalize_tiling(config: Config, scene_outputs: list[Path], out_dir: Path) ->
                 # values, so only that key matches): rename by text, not by decoding and re-encoding each line
                 text = (p / "manifest.jsonl").read_text()
                 text, n = _SHARD_KEY.subn(lambda g, i=m["index"]: f'"shard": "{renames[(i, g[1])]}"}}', text)
-                if n != text.count("\n"):
+                if n != text.count("\n") or (text and not text.endswith("\n")):
                     raise SatdetError(f"{p / 'manifest.jsonl'}: a line lacks its shard; tile the scene again")
                 fh.write(text)
 

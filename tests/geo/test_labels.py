@@ -67,6 +67,18 @@ def test_coco_json(tmp_path, scene):
     assert labels.class_ids.tolist() == [3]
 
 
+def test_a_class_name_that_is_not_text_gets_the_one_line_error(tmp_path, scene):
+    path = tmp_path / "coco.json"
+    path.write_text(json.dumps({
+        "images": [{"id": 7, "file_name": "s0.tif"}],
+        "categories": [{"id": 1, "name": ["tree", "tree"]}, {"id": 2, "name": "vehicle"}],
+        "annotations": [{"image_id": 7, "category_id": 1, "bbox": [10, 20, 5, 6]},
+                        {"image_id": 7, "category_id": 2, "bbox": [1, 1, 4, 4]}],
+    }))
+    with pytest.raises(SatdetError, match=r"coco.json: label class\(es\) \[\"\['tree', 'tree'\]\"\] not in"):
+        read_labels(path, raster_info(scene.image), CLASSES)
+
+
 def test_pascal_voc_xml(tmp_path, scene):
     path = tmp_path / "s0.xml"
     path.write_text("<annotation><object><name>roof</name><bndbox><xmin>3</xmin><ymin>4</ymin>"

@@ -211,12 +211,40 @@ def test_histogram_stats_equal_numpy_percentiles(dtype):
 
     rng = np.random.default_rng(3)
     info = np.iinfo(dtype)
-    for n in (1, 2, 9, 5000):
+    for n in (1, 2, 9, 10, 5000):
         samples = rng.integers(info.min, info.max, (n, 3), endpoint=True).astype(dtype)
-        for pct in ((1.0, 99.0), (0.0, 100.0), (37.5, 62.5)):
+        for pct in ((1.0, 99.0), (0.0, 100.0), (37.5, 62.5), (28.0, 72.0)):
             got = _percentile_stats(samples, pct)
             as_float = samples.astype(np.float64)
             low, high = np.percentile(as_float, list(pct), axis=0)
             clipped = np.clip(as_float, low, high)
-            for g, want in zip(got, (low, high, clipped.mean(axis=0), clipped.std(axis=0)), strict=True):
+            np.testing.assert_array_equal(got[0], low)  # percentiles to the last bit
+            np.testing.assert_array_equal(got[1], high)
+            for g, want in zip(got[2:], (clipped.mean(axis=0), clipped.std(axis=0)), strict=True):
                 np.testing.assert_allclose(g, want, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("damage", ["shard-missing", "last-line-cut"])
+def test_a_scene_manifest_line_without_its_shard_stops_the_merge(tmp_path, damage):
+    """finalize_tiling renames each line's shard as text; a line it cannot rename is an error, not a
+    manifest entry pointing at the wrong (or no) shard."""
+    from pipeline.geo.tiling import finalize_tiling, tile_scene
+
+    s = make_scene(tmp_path, "m", 160, 160, seed=0, n_objects=6)
+    config = make_config(tmp_path, [{"image": s.image, "labels": s.labels}])
+    work = tmp_path / "work"
+    work.mkdir()
+    out = tile_scene(config, 0, work)
+    manifest = out / "manifest.jsonl"
+    lines = manifest.read_text().splitlines(keepends=True)
+    assert len(lines) > 1
+    if damage == "shard-missing":
+        rec = json.loads(lines[0])
+        del rec["shard"]
+        lines[0] = json.dumps(rec) + "\n"
+    else:
+        lines[-1] = lines[-1][: lines[-1].index('"shard"')]
+    manifest.write_text("".join(lines))
+    with pytest.raises(SatdetError, match=r"manifest.jsonl: a line lacks its shard"):
+        finalize_tiling(config, [out], tmp_path / "tiles")
+    assert not (tmp_path / "tiles").exists()
