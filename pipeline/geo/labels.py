@@ -68,7 +68,7 @@ def _class_ids(names: np.ndarray, classes: Sequence[str], path: Path) -> np.ndar
 
 
 def _vector_boxes(path: Path, info: RasterInfo, classes: Sequence[str], label_field: str
-                  ) -> tuple[np.ndarray, list[str], int]:
+                  ) -> tuple[np.ndarray, Sequence[object], int]:
     import pyogrio.errors
     import pyogrio.raw
     import shapely
@@ -115,11 +115,11 @@ def _vector_boxes(path: Path, info: RasterInfo, classes: Sequence[str], label_fi
     # transforms too. Bounds come from the coordinates, not rebuilt geometries, so a vertex the projection
     # cannot map (inf/NaN, e.g. projected coordinates in a file that claims EPSG:4326) gives a non-finite
     # box that read_labels counts as invalid instead of a GEOS error.
+    if not ok.any():
+        return np.zeros((0, 4)), names, invalid
     inv = ~_affine(info.transform)
     matrix = np.array([[inv.a, inv.d], [inv.b, inv.e]])
     offset = np.array([inv.c, inv.f])
-    if not ok.any():
-        return np.zeros((0, 4)), names, invalid
     xy, owner = shapely.get_coordinates(geoms[ok], return_index=True)  # grouped by polygon, in order
     with np.errstate(invalid="ignore"):
         if to_raster is not None:

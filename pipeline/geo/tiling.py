@@ -175,9 +175,8 @@ class _StripReader:
 
     Buffers are pixel-interleaved (the GeoTIFF's usual layout, so a tile is a cheap row-by-row copy rather
     than a band transpose); GDAL decodes into band planes that OpenCV interleaves (`_read_rows`). Reads end
-    on block-row boundaries (a buffer holds up to one block row more
-    than a strip), so no block is decoded twice, and rows already read for the previous strip are copied,
-    not read again. A yielded strip stays valid until the iterator is advanced again. Close the reader
+    on block-row boundaries (a buffer holds up to one block row more than a strip), so no block is decoded
+    twice, and rows already read for the previous strip are copied, not read again. A yielded strip stays valid until the iterator is advanced again. Close the reader
     (or use it as a context manager) so its thread stops.
     """
 
@@ -418,7 +417,9 @@ def tile_scene(config: Config, scene_index: int, work_dir: Path, progress: Progr
 
 
 # ------------------------------------------------------------------------------------------ merge
+# a scene manifest line's shard (tile_scene writes the "shard" key last)
 _SHARD_KEY = re.compile(r'"shard": "([^"\\]+)"\}$', re.MULTILINE)
+
 
 def _percentile_stats(samples: np.ndarray, percentiles: tuple[float, float]
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
