@@ -166,6 +166,33 @@ def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
+def prf_at_threshold(gt: list[ImageBoxes], det: list[ImageDetections], threshold: float, iou: float = 0.5
+                     ) -> dict[str, float]:
+    """Precision / recall / F1 of the detections scoring >= `threshold` (all classes, class-aware greedy
+    matching by descending score, as pycocotools: each ground truth matched at most once at IoU >= `iou`).
+    Precision is -1 when nothing passes the threshold, recall -1 when there is no ground truth."""
+    tp = fp = 0
+    n_gt = sum(len(g.boxes) for g in gt)
+    for g, d in zip(gt, det):
+        keep = d.scores >= threshold
+        boxes, labels, scores = d.boxes[keep], d.labels[keep], d.scores[keep]
+        taken = np.zeros(len(g.boxes), bool)
+        ious = _iou_matrix(boxes, g.boxes) if len(boxes) and len(g.boxes) else np.zeros((len(boxes), 0))
+        for i in np.argsort(-scores, kind="stable"):
+            cand = np.where((~taken) & (g.labels == labels[i]), ious[i], -1.0) if ious.shape[1] else ious[i]
+            j = int(np.argmax(cand)) if len(cand) else -1
+            if j >= 0 and cand[j] >= iou:
+                taken[j] = True
+                tp += 1
+            else:
+                fp += 1
+    precision = tp / (tp + fp) if tp + fp else -1.0
+    recall = tp / n_gt if n_gt else -1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision > 0 and recall > 0 else 0.0
+    return {"score_threshold": float(threshold), "precision": float(precision), "recall": float(recall),
+            "f1": float(f1), "tp": tp, "fp": fp, "fn": n_gt - tp}
+
+
 def voc_ap(gt: list[ImageBoxes], det: list[ImageDetections], label: int, iou: float = 0.5) -> float:
     """Pascal VOC all-point interpolated AP for one class (-1 when the class has no ground truth)."""
     n_gt = sum(int(np.count_nonzero(g.labels == label)) for g in gt)

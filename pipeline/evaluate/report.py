@@ -41,6 +41,24 @@ def _class_rows(m: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _scene_rows(metrics: dict[str, Any]) -> list[str]:
+    """One row per evaluated scene, then the pooled figures: AP, AP50, AP75, P/R/F1 at best F1 per IoU."""
+    per_scene = metrics.get("per_scene") or {}
+    ious = sorted({iou for m in per_scene.values() for iou in (m.get("prf") or {})}, key=float, reverse=True)
+    head = "| scene | GT | AP | AP50 | AP75 | " + " | ".join(f"P/R/F1 @{iou}" for iou in ious) + " | P/R @0.5, output threshold |"
+    rows = [head, "|" + "---|" * (6 + len(ious))]
+    pooled = metrics.get("scene")
+    items = list(per_scene.items()) + ([("**pooled**", pooled)] if pooled and len(per_scene) > 1 else [])
+    for name, m in items:
+        prf = [f"{_f(m['prf'][i]['precision'])}/{_f(m['prf'][i]['recall'])}/{_f(m['prf'][i]['f1'])}"
+               if i in (m.get("prf") or {}) else "—" for i in ious]
+        out = (m.get("at_output_threshold") or {}).get("0.5")
+        at_out = f"{_f(out['precision'])}/{_f(out['recall'])}" if out else "—"
+        rows.append(f"| {name} | {m['n_gt']} | {_f(m['AP'])} | {_f(m['AP50'])} | {_f(m['AP75'])} | "
+                    + " | ".join(prf) + f" | {at_out} |")
+    return rows
+
+
 def render_report(metrics: dict[str, Any], config: Config) -> str:
     """The markdown text of report.md."""
     lines = [
@@ -54,11 +72,17 @@ def render_report(metrics: dict[str, Any], config: Config) -> str:
         f"at maxDets={config.evaluate.max_dets} per image (block or tile) and class; size buckets by "
         "ground-truth area in px² (small < 32², medium < 96², large ≥ 96²); n/a = no ground truth there."),
         "",
+        _adaptation_line(metrics),
+        "",
         "## Summary",
         "",
         *_summary_rows(metrics),
         "",
     ]
+    if metrics.get("per_scene"):
+        lines += ["## Per scene", "",
+                  "Scene level, each scene on its own (P/R/F1 at the score threshold that maximises F1, and at the "
+                  f"output threshold {metrics['output_score_threshold']}):", "", *_scene_rows(metrics), ""]
     for level in ("scene", "tile"):
         m = metrics.get(level)
         if not m:
@@ -87,6 +111,12 @@ def render_report(metrics: dict[str, Any], config: Config) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _adaptation_line(metrics: dict[str, Any]) -> str:
+    a = metrics.get("adaptation") or {}
+    return (f"Test-time adaptation: normalisation `{a.get('normalize', 'train')}`, AdaBN "
+            f"`{a.get('adapt_bn', False)}`, flips `{a.get('tta', False)}` (see docs/predict.md).")
 
 
 def write_report(metrics: dict[str, Any], config: Config, path: Path) -> Path:

@@ -30,7 +30,7 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.errors import SatdetError
-from pipeline.evaluate.metrics import ImageBoxes, ImageDetections, coco_metrics
+from pipeline.evaluate.metrics import ImageBoxes, ImageDetections, coco_metrics, prf_at_threshold
 from pipeline.files import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -59,35 +59,63 @@ def _load_splits(tiles_dir: Path) -> dict[str, Any]:
 
 
 def evaluate_scenes(config: Config, detector: Any, tiles_dir: Path) -> list[BlockResult]:
-    """Predict every `config.evaluate.split` block of every labelled scene; ground truth per block."""
-    from pipeline.geo.edges import EdgePolicy
-    from pipeline.geo.labels import read_labels
-    from pipeline.geo.raster import raster_info
-    from pipeline.predict.scene import predict_region
-
+    """Predict every `config.evaluate.split` block of every labelled scene, then every `evaluate.scenes`
+    scene whole; ground truth per block. `detector` is what pipeline.predict.adapt.load_for_predict gives."""
     split = config.evaluate.split
-    policy = EdgePolicy(config.tiling.min_visibility)
-    pcfg = config.predict.model_copy(update={"score_threshold": 0.0})
     results: list[BlockResult] = []
-    for entry in _load_splits(tiles_dir).get("scenes", []):
-        blocks = [b for b in entry.get("blocks", []) if b.get("split") == split]
-        if not blocks:
-            continue
-        if not entry.get("labels"):
-            log.warning("scene %s has no labels; skipped in scene-level evaluation", entry.get("scene"))
-            continue
-        info = raster_info(entry["image"])
-        labels = read_labels(entry["labels"], info, config.classes, config.tiling.label_field)
-        for block in blocks:
-            c, r, w, h = (int(v) for v in block["window"])
-            kept = policy.apply(labels.boxes, (c, r, c + w, r + h))
-            dets = predict_region(detector, entry["image"], pcfg, region=(c, r, w, h))
-            results.append(BlockResult(entry["scene"], entry["image"], (c, r, w, h), kept.boxes,
-                                       labels.class_ids[kept.index], dets))
+    if not config.evaluate.only_scenes:
+        for entry in _load_splits(tiles_dir).get("scenes", []):
+            blocks = [b for b in entry.get("blocks", []) if b.get("split") == split]
+            if not blocks:
+                continue
+            if not entry.get("labels"):
+                log.warning("scene %s has no labels; skipped in scene-level evaluation", entry.get("scene"))
+                continue
+            windows = [tuple(int(v) for v in block["window"]) for block in blocks]
+            results += _evaluate_scene(config, detector, entry["scene"], entry["image"], entry["labels"], windows)
+    for scene in config.evaluate.scenes:
+        image, labels = str(scene.image), str(scene.labels)
+        results += _evaluate_scene(config, detector, Path(image).stem, image, labels, None)
     return results
 
 
+def _evaluate_scene(config: Config, detector: Any, name: str, image: str, labels_path: str,
+                    windows: list[tuple[int, ...]] | None) -> list[BlockResult]:
+    """Predict `windows` of one scene (None: the whole scene) at score threshold 0, with the ground truth
+    the tiling edge policy keeps in each."""
+    from pipeline.geo.edges import EdgePolicy
+    from pipeline.geo.labels import read_labels
+    from pipeline.geo.raster import exists_or_remote, raster_info
+    from pipeline.predict.adapt import scene_detector
+    from pipeline.predict.scene import predict_region
+
+    if not exists_or_remote(image):
+        raise SatdetError(f"{image}: evaluation scene not found; fix evaluate.scenes or --scene")
+    if not exists_or_remote(labels_path):
+        raise SatdetError(f"{labels_path}: labels of evaluation scene {image} not found; fix evaluate.scenes or --labels")
+    policy = EdgePolicy(config.tiling.min_visibility)
+    pcfg = config.predict.model_copy(update={"score_threshold": 0.0})
+    info = raster_info(image)
+    labels = read_labels(labels_path, info, config.classes, config.tiling.label_field)
+    out = []
+    for c, r, w, h in windows or [(0, 0, info.width, info.height)]:
+        kept = policy.apply(labels.boxes, (c, r, c + w, r + h))
+        region = (c, r, w, h)
+        dets = predict_region(scene_detector(detector, image, pcfg, region), image, pcfg, region=region)
+        out.append(BlockResult(name, image, region, kept.boxes, labels.class_ids[kept.index], dets))
+    return out
+
+
 def _block_metrics(blocks: list[BlockResult], config: Config) -> dict[str, Any]:
+    gts, dets = _block_boxes(blocks)
+    out = coco_metrics(gts, dets, config.classes, config.evaluate.max_dets, tuple(config.evaluate.iou_thresholds_f1))
+    out["at_output_threshold"] = {f"{iou:g}": prf_at_threshold(gts, dets, config.predict.score_threshold, iou)
+                                  for iou in config.evaluate.iou_thresholds_f1}
+    return out
+
+
+def _block_boxes(blocks: list[BlockResult]) -> tuple[list[ImageBoxes], list[ImageDetections]]:
+    """Ground truth and detections of each block, in block pixels, one pycocotools image per block."""
     gts, dets = [], []
     for b in blocks:
         shift = np.array(b.window[:2] * 2, np.float64)
@@ -95,8 +123,7 @@ def _block_metrics(blocks: list[BlockResult], config: Config) -> dict[str, Any]:
         gts.append(ImageBoxes(b.gt_boxes - shift, b.gt_labels, name))
         d = b.detections
         dets.append(ImageDetections(d.boxes - shift, d.labels, name, scores=d.scores))
-    return coco_metrics(gts, dets, config.classes, config.evaluate.max_dets,
-                        tuple(config.evaluate.iou_thresholds_f1))
+    return gts, dets
 
 
 def evaluate_tiles(config: Config, detector: Any, tiles_dir: Path, batch: int = 8) -> tuple[dict[str, Any] | None, int]:
@@ -139,12 +166,13 @@ def run_evaluation(config: Config, model_dir: Path, tiles_dir: Path, out_dir: Pa
     """Scene- and tile-level evaluation of the exported model; writes the report files into `out_dir`."""
     from pipeline.evaluate.plots import plot_examples, plot_pr_curves
     from pipeline.evaluate.report import write_report
+    from pipeline.predict.adapt import SceneAdapter, load_for_predict
     from pipeline.predict.export import write_detections
-    from pipeline.predict.scene import load_detector, resolve_export_dir
+    from pipeline.predict.scene import resolve_export_dir
 
     model_dir, tiles_dir, out_dir = Path(model_dir), Path(tiles_dir), Path(out_dir)
     export_dir = resolve_export_dir(model_dir)
-    detector = load_detector(export_dir)
+    detector = load_for_predict(export_dir, config.predict)
     model_classes = list(detector.info.get("classes") or config.classes)
     if model_classes != list(config.classes):
         raise SatdetError(f"{export_dir}: model classes {model_classes} differ from config classes "
@@ -152,7 +180,10 @@ def run_evaluation(config: Config, model_dir: Path, tiles_dir: Path, out_dir: Pa
 
     blocks = evaluate_scenes(config, detector, tiles_dir)
     scene = _block_metrics(blocks, config) if blocks else None
-    tile, n_tiles = evaluate_tiles(config, detector, tiles_dir)
+    per_scene = {name: _block_metrics([b for b in blocks if b.scene == name], config)
+                 for name in dict.fromkeys(b.scene for b in blocks)}
+    exported = detector.exported if isinstance(detector, SceneAdapter) else detector
+    tile, n_tiles = (None, 0) if config.evaluate.only_scenes else evaluate_tiles(config, exported, tiles_dir)
     if scene is None and tile is None:
         raise SatdetError(f"{tiles_dir}: no labelled {config.evaluate.split} blocks or tiles to evaluate; "
                           f"check tiling.split fractions or set evaluate.split")
@@ -179,7 +210,10 @@ def run_evaluation(config: Config, model_dir: Path, tiles_dir: Path, out_dir: Pa
         "n_tiles": n_tiles,
         "model": str(export_dir),
         "output_score_threshold": thr,
+        "adaptation": {"normalize": config.predict.normalize, "adapt_bn": config.predict.adapt_bn,
+                       "tta": config.predict.tta},
         "scene": scene,
+        "per_scene": {name: scene_summary(m) for name, m in per_scene.items()},
         "tile": tile,
     }
     atomic_write_json(out_dir / "metrics.json", metrics)
@@ -187,6 +221,14 @@ def run_evaluation(config: Config, model_dir: Path, tiles_dir: Path, out_dir: Pa
     plot_examples(blocks, config, out_dir / "examples.png", score_threshold=_example_threshold(scene, thr))
     write_report(metrics, config, out_dir / "report.md")
     return out_dir
+
+
+def scene_summary(m: dict[str, Any]) -> dict[str, Any]:
+    """The per-scene table's figures: COCO AP/AP50/AP75, counts, P/R/F1 at best F1 for each F1 IoU."""
+    out = {k: m[k] for k in ("AP", "AP50", "AP75", "AR", "n_gt", "n_det")}
+    out["prf"] = m.get("prf") or {}
+    out["at_output_threshold"] = m.get("at_output_threshold") or {}
+    return out
 
 
 def _example_threshold(scene: dict[str, Any] | None, default: float) -> float:

@@ -38,6 +38,7 @@ from rasterio.windows import Window
 
 from pipeline.config import Config
 from pipeline.data.records import RecordWriter, encode_tile_chunks, png_capable
+from pipeline.data.stats import percentile_stats
 from pipeline.errors import SatdetError
 from pipeline.files import atomic_dir, atomic_write_json, atomic_write_text
 from pipeline.geo.edges import EdgePolicy
@@ -421,40 +422,10 @@ def tile_scene(config: Config, scene_index: int, work_dir: Path, progress: Progr
 _SHARD_KEY = re.compile(r'"shard": "([^"\\]+)"\}$', re.MULTILINE)
 
 
-def _percentile_stats(samples: np.ndarray, percentiles: tuple[float, float]
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per-band (low, high, mean, std) of (N, C) samples: low/high as np.percentile (linear), mean/std of
-    the samples clipped to [low, high]. Integer pixels of at most 16 bits are counted into histograms
-    (no float copy, no sort); anything else goes through NumPy."""
-    if samples.dtype.kind in "ui" and samples.dtype.itemsize <= 2:
-        lo_value = int(np.iinfo(samples.dtype).min)
-        n = len(samples)
-        out = np.zeros((4, samples.shape[1]))
-        for band in range(samples.shape[1]):
-            counts = np.bincount(samples[:, band].astype(np.int64) - lo_value)
-            values = np.arange(len(counts), dtype=np.float64) + lo_value
-            ends = np.cumsum(counts)  # the sorted samples: ends[k-1] <= index < ends[k] holds values[k]
-            pct = []
-            for p in percentiles:
-                h = (n - 1) * (p / 100)
-                i = math.floor(h)
-                a, b = values[np.searchsorted(ends, [i, min(i + 1, n - 1)], side="right")]
-                t = h - i  # NumPy's linear interpolation, to the last bit (it lerps from b when t >= 0.5)
-                pct.append(b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t)
-            clipped = np.clip(values, pct[0], pct[1])
-            mean = float(counts @ clipped) / n
-            out[:, band] = (pct[0], pct[1], mean, math.sqrt(float(counts @ (clipped - mean) ** 2) / n))
-        return out[0], out[1], out[2], out[3]
-    samples = samples.astype(np.float64)
-    low, high = np.percentile(samples, list(percentiles), axis=0)  # one partition pass for both
-    clipped = np.clip(samples, low, high)
-    return low, high, clipped.mean(axis=0), clipped.std(axis=0)
-
-
 def _stats(samples: np.ndarray, plan: dict[str, Any], percentiles: tuple[float, float]) -> dict[str, Any]:
     """Per-band low/high percentiles and mean/std of the clipped pixels (the normalisation contract)."""
     if len(samples):
-        low, high, mean, std = _percentile_stats(samples, percentiles)
+        low, high, mean, std = percentile_stats(samples, percentiles)
     else:
         low = high = mean = np.zeros(plan["channels"])
         std = np.ones(plan["channels"])

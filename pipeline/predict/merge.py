@@ -55,7 +55,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou: float = 
 
 
 def weighted_box_fusion(
-    boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou: float = 0.55
+    boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou: float = 0.55, n_models: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fuse overlapping boxes of the same class (Solovyev et al. 2021), for duplicates across seams.
 
@@ -63,6 +63,10 @@ def weighted_box_fusion(
     overlaps with IoU > `iou`, otherwise starts a cluster. A cluster's box is the score-weighted mean of
     its members; its score is the members' maximum (not WBF's mean × count/models: here the "models"
     are overlapping windows, and an object seen by one window only must not be penalised).
+
+    With `n_models` (test-time views of one image, each contributing at most one box per object) the
+    score is WBF's own: the members' score sum / n_models, so a box found in one view out of four keeps
+    a quarter of its score.
     """
     if len(boxes) == 0:
         return boxes.reshape(0, 4), scores.reshape(0), labels.reshape(0)
@@ -94,7 +98,7 @@ def weighted_box_fusion(
             weights[j] += s
             best[j] = max(best[j], s)
             fused[j] = sums[j] / max(weights[j], 1e-12)
-    out_scores = np.asarray(best)
+    out_scores = np.asarray(best) if n_models is None else np.minimum(np.asarray(weights) / n_models, 1.0)
     o = np.argsort(-out_scores, kind="stable")
     return np.asarray(fused)[o], out_scores[o], np.asarray(cls, labels.dtype)[o]
 

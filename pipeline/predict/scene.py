@@ -358,6 +358,7 @@ def predict_scenes(
     layer per scene in its CRS). Per scene — and whenever `out` has no .geojson/.json/.gpkg suffix (a
     folder) — `out` is a folder with one `<scene>.<ext>` each.
     """
+    from pipeline.predict.adapt import load_for_predict, scene_detector
     from pipeline.predict.export import write_detections
 
     suffix = Path(out).suffix.lower()
@@ -368,11 +369,12 @@ def predict_scenes(
     for s in scenes:
         if "://" not in str(s) and not str(s).startswith("/vsi") and not Path(s).exists():
             raise SatdetError(f"{s}: scene file not found")
-    detector = load_detector(export_dir)
+    detector = load_for_predict(export_dir, cfg)
     results: list[SceneDetections] = []
     with _progress_bar(show_progress) as bar:
         for s in scenes:
-            results.append(predict_region(detector, s, cfg, progress=bar(Path(str(s)).stem)))
+            adapted = scene_detector(detector, s, cfg)
+            results.append(predict_region(adapted, s, cfg, progress=bar(Path(str(s)).stem)))
     if per_scene:
         ext = "gpkg" if fmt == "gpkg" else "geojson"
         return [write_detections([r], Path(out) / f"{r.scene}.{ext}", fmt) for r in results]

@@ -207,14 +207,14 @@ def test_real_neon_scene_tiles_its_61_trees(tmp_path):
 
 @pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16"])
 def test_histogram_stats_equal_numpy_percentiles(dtype):
-    from pipeline.geo.tiling import _percentile_stats
+    from pipeline.data.stats import percentile_stats
 
     rng = np.random.default_rng(3)
     info = np.iinfo(dtype)
     for n in (1, 2, 9, 10, 5000):
         samples = rng.integers(info.min, info.max, (n, 3), endpoint=True).astype(dtype)
         for pct in ((1.0, 99.0), (0.0, 100.0), (37.5, 62.5), (28.0, 72.0)):
-            got = _percentile_stats(samples, pct)
+            got = percentile_stats(samples, pct)
             as_float = samples.astype(np.float64)
             low, high = np.percentile(as_float, list(pct), axis=0)
             clipped = np.clip(as_float, low, high)
