@@ -173,19 +173,65 @@ def train_cmd(
 
 
 # ------------------------------------------------------------------------- evaluate / predict (issue 6)
+NormalizeOpt = Annotated[str | None, typer.Option(
+    "--normalize", help="train (training statistics) or scene (the scene's own; test-time adaptation).")]
+AdaptBnOpt = Annotated[bool | None, typer.Option(
+    "--adapt-bn/--no-adapt-bn", help="Re-estimate BatchNorm statistics on each scene before predicting (AdaBN).")]
+TtaOpt = Annotated[bool | None, typer.Option("--tta/--no-tta", help="Test-time flips fused by WBF.")]
+
+
+def _adaptation_updates(normalize: str | None, adapt_bn: bool | None, tta: bool | None) -> dict[str, Any]:
+    if normalize is not None and normalize not in ("train", "scene"):
+        raise SatdetError(f"--normalize {normalize!r}: use train or scene")
+    return {k: v for k, v in {"normalize": normalize, "adapt_bn": adapt_bn, "tta": tta}.items() if v is not None}
+
+
 @app.command("evaluate")
 @friendly_errors
-def evaluate_cmd(config: ConfigArg, set_: SetOpt = None) -> None:
-    """Score run_dir/model/export per scene (stitched, what `predict` delivers) and per tile; writes run_dir/eval/."""
+def evaluate_cmd(
+    config: ConfigArg,
+    scene: Annotated[list[Path] | None, typer.Option(
+        "--scene", help="Also score this labelled scene whole (e.g. another site; repeatable, pairs with --labels).")] = None,
+    labels: Annotated[list[Path] | None, typer.Option(
+        "--labels", help="Labels of the --scene at the same position (any format tiling reads).")] = None,
+    only_scenes: Annotated[bool, typer.Option(
+        "--only-scenes", help="Score only the --scene / evaluate.scenes scenes, not the split's blocks and tiles.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (default run_dir/eval).")] = None,
+    normalize: NormalizeOpt = None,
+    adapt_bn: AdaptBnOpt = None,
+    tta: TtaOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Score run_dir/model/export per scene (stitched, what `predict` delivers) and per tile; writes run_dir/eval/.
+
+    --scene/--labels score the model on labelled scenes outside its training config (other sites, other
+    flights) without editing the config: metrics.json and report.md get one row per scene."""
     cfg = load(config, set_)
     import json
 
+    from pipeline.config import SceneConfig
     from pipeline.evaluate.run import run_evaluation
 
+    scene, labels = list(scene or []), list(labels or [])
+    if len(scene) != len(labels):
+        raise SatdetError(f"{len(scene)} --scene but {len(labels)} --labels: give one --labels per --scene, in order")
+    extra = [SceneConfig(image=s, labels=lab) for s, lab in zip(scene, labels)]
+    if only_scenes and not (extra or cfg.evaluate.scenes):
+        raise SatdetError("--only-scenes needs at least one --scene/--labels pair or evaluate.scenes in the config")
+    cfg = cfg.model_copy(update={
+        "evaluate": cfg.evaluate.model_copy(update={"scenes": [*cfg.evaluate.scenes, *extra],
+                                                    "only_scenes": only_scenes or cfg.evaluate.only_scenes}),
+        "predict": cfg.predict.model_copy(update=_adaptation_updates(normalize, adapt_bn, tta)),
+    })
     run_dir = cfg.run_dir
     import_tensorflow()
-    out = run_evaluation(cfg, run_dir / "model", run_dir / "tiles", run_dir / "eval")
+    out = run_evaluation(cfg, run_dir / "model", run_dir / "tiles", out or run_dir / "eval")
     metrics = json.loads((out / "metrics.json").read_text())
+    per_scene = metrics.get("per_scene") or {}
+    if len(per_scene) > 1:
+        for name, m in per_scene.items():
+            typer.echo(f"{name[:24]:24s} AP {m['AP']:.3f}  AP50 {m['AP50']:.3f}  AP75 {m['AP75']:.3f}  "
+                       f"F1@0.5 {m['prf']['0.5']['f1']:.3f}  ({m['n_gt']} objects)")
     for level in ("scene", "tile"):
         m = metrics.get(level)
         if m:
@@ -207,6 +253,9 @@ def predict_cmd(
     fmt: Annotated[str | None, typer.Option("--format", help="geojson (EPSG:4326) or gpkg (scene CRS).")] = None,
     per_scene: Annotated[bool, typer.Option("--per-scene", help="One file per scene; --out is a folder.")] = False,
     config: Annotated[Path | None, typer.Option("--config", "-c", help="Config whose `predict:` section to start from.")] = None,
+    normalize: NormalizeOpt = None,
+    adapt_bn: AdaptBnOpt = None,
+    tta: TtaOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Detect objects in whole scenes with an exported model; write GeoJSON / GeoPackage with label, score, scene."""
@@ -217,6 +266,7 @@ def predict_cmd(
         raise SatdetError(f"--format {fmt!r}: use geojson or gpkg")
     updates = {k: v for k, v in {"score_threshold": score_threshold, "tile_size": tile, "overlap": overlap,
                                  "batch_size": batch}.items() if v is not None}
+    updates.update(_adaptation_updates(normalize, adapt_bn, tta))
     cfg = PredictConfig.model_validate({**base.model_dump(), **updates})
     import_tensorflow()
     from pipeline.predict.scene import predict_scenes

@@ -258,6 +258,22 @@ class EvaluateConfig(_Section):
     max_dets: int = Field(1000, gt=0, description="pycocotools maxDets; the summary is computed at this value.")
     iou_thresholds_f1: list[float] = Field([0.5, 0.4], description="IoUs at which P/R/F1 are reported.")
     examples: int = Field(4, ge=0, description="Scene crops drawn in examples.png.")
+    scenes: list[SceneConfig] = Field(
+        default_factory=list,
+        description="Extra labelled scenes scored whole (e.g. other sites), beside the split's blocks; "
+        "not used in training. `satdet evaluate --scene IMAGE --labels LABELS` adds more.",
+    )
+    only_scenes: bool = Field(
+        False, description="Score only evaluate.scenes (skip the split's blocks and tiles)."
+    )
+
+    @field_validator("scenes")
+    @classmethod
+    def _labelled(cls, v: list[SceneConfig]) -> list[SceneConfig]:
+        for scene in v:
+            if scene.labels is None:
+                raise ValueError(f"evaluate.scenes: {scene.image} has no labels; an evaluation scene needs labels")
+        return v
 
 
 class PredictConfig(_Section):
@@ -275,6 +291,15 @@ class PredictConfig(_Section):
         "geojson", description="Output: GeoJSON in EPSG:4326 (RFC 7946) or GeoPackage in the scene CRS."
     )
     per_scene: bool = Field(False, description="One output file per scene instead of one per run.")
+    normalize: Literal["train", "scene"] = Field(
+        "train",
+        description="Normalise a scene with the training statistics, or with its own per-band percentile "
+        "statistics measured on its valid pixels (test-time adaptation to a new flight or site).",
+    )
+    adapt_bn: bool = Field(
+        False, description="Re-estimate the backbone's BatchNorm statistics on the scene before predicting (AdaBN)."
+    )
+    tta: bool = Field(False, description="Test-time flips (4 views per window) fused by weighted box fusion.")
 
 
 # --------------------------------------------------------------------------------------------- root
@@ -365,7 +390,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         path = Path(os.path.expanduser(p))
         return str(path if path.is_absolute() else (base / path))
 
-    for scene in (data.get("tiling") or {}).get("scenes") or []:
+    scenes = [*((data.get("tiling") or {}).get("scenes") or []), *((data.get("evaluate") or {}).get("scenes") or [])]
+    for scene in scenes:
         if isinstance(scene, dict):
             for key in ("image", "labels"):
                 if key in scene:
