@@ -104,3 +104,79 @@ def test_nothing_to_evaluate_is_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(scene_mod, "load_detector", lambda p: BrightSquareDetector())
     with pytest.raises(SatdetError, match="no labelled test blocks"):
         run_evaluation(Config(classes=["tree", "car"]), tmp_path, tiles, tmp_path / "eval")
+
+
+def _other_site(tmp_path, squares):
+    """A second labelled scene outside the tiling config (another 'site'), labels as pixel CSV."""
+    scene = write_scene(tmp_path / "other.tif", 120, 100, squares)
+    csv = tmp_path / "other.csv"
+    csv.write_text("image_path,xmin,ymin,xmax,ymax,label\n" + "".join(
+        f"other.tif,{x0},{y0},{x1},{y1},tree\n" for x0, y0, x1, y1 in squares))
+    return scene, csv
+
+
+def test_extra_scenes_are_scored_whole_with_a_per_scene_table(tmp_path, monkeypatch):
+    from pipeline.evaluate.run import run_evaluation
+
+    scene = write_scene(tmp_path / "s.tif", 160, 160, SQUARES)
+    tiles = _tiles_dir(tmp_path, scene, _labels(tmp_path))
+    # the detector finds 3 of the 4 labelled objects of the other scene (one label has no square)
+    other, labels = _other_site(tmp_path, [(5, 5, 20, 20), (40, 60, 55, 75), (90, 10, 110, 30)])
+    csv_text = labels.read_text() + "other.tif,60,5,75,20,tree\n"
+    labels.write_text(csv_text)
+    monkeypatch.setattr(scene_mod, "resolve_export_dir", lambda p: p)
+    monkeypatch.setattr(scene_mod, "load_detector", lambda p: BrightSquareDetector(tile_size=64))
+    cfg = Config(classes=["tree", "car"], predict={"overlap": 16, "score_threshold": 0.5},
+                 evaluate={"split": "test", "scenes": [{"image": str(other), "labels": str(labels)}]})
+    out = run_evaluation(cfg, tmp_path / "model", tiles, tmp_path / "eval")
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["per_scene"]) == {"s", "other"}
+    o = metrics["per_scene"]["other"]
+    assert o["n_gt"] == 4 and o["AP50"] == pytest.approx(0.75, abs=0.01)
+    assert o["at_output_threshold"]["0.5"]["recall"] == pytest.approx(0.75)
+    assert o["at_output_threshold"]["0.5"]["precision"] == pytest.approx(1.0)
+    assert metrics["per_scene"]["s"]["AP50"] == pytest.approx(1.0)
+    assert metrics["scene"]["n_gt"] == 2 + 4  # pooled over both
+    report = (out / "report.md").read_text()
+    assert "## Per scene" in report and "| other | 4 |" in report and "**pooled**" in report
+
+
+def test_evaluate_command_scores_only_the_given_scene(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    squares = [(5, 5, 20, 20), (40, 60, 55, 75)]
+    other, labels = _other_site(tmp_path, squares)
+    monkeypatch.setattr(scene_mod, "resolve_export_dir", lambda p: p)
+    monkeypatch.setattr(scene_mod, "load_detector", lambda p: BrightSquareDetector(tile_size=64))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"name: r\nruns_dir: {tmp_path}\nclasses: [tree, car]\n")
+    out = tmp_path / "eval-other"
+    result = CliRunner().invoke(app, ["evaluate", str(config), "--scene", str(other), "--labels", str(labels),
+                                      "--only-scenes", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["per_scene"]) == ["other"] and metrics["tile"] is None
+    assert metrics["scene"]["AP50"] == pytest.approx(1.0)
+
+
+def test_evaluate_command_needs_one_labels_per_scene(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    other, _ = _other_site(tmp_path, [(5, 5, 20, 20)])
+    config = tmp_path / "c.yaml"
+    config.write_text("name: r\n")
+    result = CliRunner().invoke(app, ["evaluate", str(config), "--scene", str(other)])
+    assert result.exit_code == 2 and "one --labels per --scene" in result.output
+
+
+def test_missing_evaluation_scene_is_a_one_line_error(tmp_path, monkeypatch):
+    from pipeline.evaluate.run import evaluate_scenes
+
+    cfg = Config(classes=["tree"], evaluate={"only_scenes": True,
+                                             "scenes": [{"image": str(tmp_path / "gone.tif"), "labels": "x.csv"}]})
+    with pytest.raises(SatdetError, match="gone.tif: evaluation scene not found"):
+        evaluate_scenes(cfg, BrightSquareDetector(), tmp_path)

@@ -1,0 +1,101 @@
+"""Leave-one-site-out accuracy: train on the Yellowstone scene, score the Florida plot it never saw.
+
+    .venv/bin/python benchmarks/cross_site.py                       # tile + train (≈40 min on 2 cores) + score
+    .venv/bin/python benchmarks/cross_site.py --runs-dir runs --skip-train   # score an existing run again
+    .venv/bin/python benchmarks/cross_site.py -s train.steps=600 -s train.time_budget_minutes=null
+
+Uses configs/neon-trees-cross-site.yaml (the shipped NEON recipe with OSBS_029 held out as the test
+split). After training, the exported model is scored at scene level (what `satdet predict` delivers):
+on the Florida plot (cross-site) and on the Yellowstone validation blocks (same site), once per
+test-time variant: training vs scene normalisation, AdaBN on/off, flips on/off. Prints one JSON object:
+per variant, AP / AP50 / AP75, best F1 and precision/recall at the model's output threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = {
+    "plain": {},
+    "scene_norm": {"normalize": "scene"},
+    "adabn": {"adapt_bn": True},
+    "scene_norm+adabn": {"normalize": "scene", "adapt_bn": True},
+    "tta": {"tta": True},
+    "scene_norm+adabn+tta": {"normalize": "scene", "adapt_bn": True, "tta": True},
+}
+
+
+def _summary(metrics: dict) -> dict:
+    scene = metrics.get("scene") or {}
+    out = {k: round(float(scene[k]), 4) for k in ("AP", "AP50", "AP75") if k in scene}
+    best = (scene.get("prf") or {}).get("0.5") or {}
+    at = (scene.get("at_output_threshold") or {}).get("0.5") or {}
+    out["best_f1"] = round(float(best.get("f1", -1)), 4)
+    out["best_f1_threshold"] = round(float(best.get("score_threshold", -1)), 4)
+    out["at_output_threshold"] = {k: round(float(at[k]), 4) for k in ("score_threshold", "precision", "recall")
+                                  if k in at}
+    out["n_gt"] = scene.get("n_gt")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "neon-trees-cross-site.yaml"))
+    ap.add_argument("--runs-dir", default="runs")
+    ap.add_argument("--skip-train", action="store_true", help="Score the run's existing export only.")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated subset of " + ", ".join(VARIANTS))
+    ap.add_argument("--set", "-s", action="append", default=[], help="Config override section.key=value.")
+    args = ap.parse_args()
+
+    from pipeline.tf_quiet import import_tensorflow
+
+    import_tensorflow()
+    from pipeline.config import load_config, save_config
+    from pipeline.evaluate.run import run_evaluation
+    from pipeline.geo.tiling import run_tiling
+    from pipeline.train.loop import run_training
+
+    cfg = load_config(args.config, [f"runs_dir={args.runs_dir}", *args.set])
+    run_dir = cfg.run_dir
+    result: dict = {"benchmark": "cross_site", "config": args.config, "overrides": args.set,
+                    "machine": {"cpus": os.cpu_count(), "platform": platform.platform()}}
+    if not args.skip_train:
+        started = time.perf_counter()
+        tiles = run_tiling(cfg)
+        save_config(cfg, run_dir / "config.yaml")
+        run_training(cfg, tiles, run_dir / "model")
+        result["train_wall_s"] = round(time.perf_counter() - started, 1)
+    summary_path = run_dir / "model" / "train_summary.json"
+    if summary_path.is_file():
+        s = json.loads(summary_path.read_text())
+        result["train"] = {k: s.get(k) for k in ("steps_done", "steps_planned", "steps_fitted", "stop_reason",
+                                                 "best_ap50", "wall_time_s") if k in s}
+    result["variants"] = {}
+    for name in args.variants.split(","):
+        options = VARIANTS[name]
+        row = {}
+        for label, split in (("cross_site", "test"), ("same_site_val", "val")):
+            c = cfg.model_copy(update={"predict": cfg.predict.model_copy(update=options),
+                                       "evaluate": cfg.evaluate.model_copy(update={"split": split})})
+            started = time.perf_counter()
+            out = run_evaluation(c, run_dir / "model", run_dir / "tiles", run_dir / f"eval-{name}-{split}")
+            row[label] = _summary(json.loads((out / "metrics.json").read_text()))
+            row[label]["seconds"] = round(time.perf_counter() - started, 1)
+        result["variants"][name] = row
+        print(f"{name}: cross-site AP50 {row['cross_site'].get('AP50')}  same-site AP50 "
+              f"{row['same_site_val'].get('AP50')}", file=sys.stderr)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
