@@ -232,6 +232,11 @@ class TrainConfig(_Section):
     time_budget_minutes: float | None = Field(
         None, gt=0, description="Stop (checkpoint, export) after this wall time even if steps remain."
     )
+    fit_schedule_to_budget: bool = Field(
+        True,
+        description="With time_budget_minutes: shorten the run and its LR schedule to the measured step rate, "
+        "so the decay ends when the time does (stop_reason 'fitted_to_budget').",
+    )
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     clip: ClipConfig = Field(default_factory=ClipConfig)

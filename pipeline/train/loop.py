@@ -15,6 +15,7 @@ Order of operations in one step (why it matters is in docs/clipping.md):
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -35,10 +36,11 @@ from pipeline.train.checkpoints import (
 )
 from pipeline.train.clipping import ClipStrategy, build_clipper
 from pipeline.train.optim import build_optimizer
-from pipeline.train.schedule import build_schedule
+from pipeline.train.schedule import BudgetFit, ScheduleLength, build_schedule
 from pipeline.train.telemetry import Telemetry
 
 LOSS_KEYS = ("rpn_objectness", "rpn_box", "roi_class", "roi_box")
+log = logging.getLogger(__name__)
 _ONE = {"trainable": False, "aggregation": tf.VariableAggregation.ONLY_FIRST_REPLICA}
 
 
@@ -247,6 +249,10 @@ class _Progress:
             }
         self.bar.update(self.task, completed=step, **fields)
 
+    def set_total(self, total: int) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, total=total)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
@@ -264,6 +270,7 @@ def fit(
     agc_exempt: list[str] | None = None,
     progress: bool = True,
     explain_data_error: Callable[[Exception], Exception] | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> dict[str, Any]:
     """Train `model` on batches from `dataset_fn()` per `config.train`; returns a summary dict.
 
@@ -272,6 +279,7 @@ def fit(
     sees the same batches as an uninterrupted one. `explain_data_error` turns a tf.errors.OpError raised
     by the input pipeline into a user-facing error. `evaluate_fn(model) -> AP50` scores validation data for the
     best checkpoint and early stopping. Build the model inside `strategy.scope()` when distributed.
+    `clock() -> seconds` is read for every time measurement (throughput, time budget; tests inject one).
     """
     tcfg = config.train
     model_dir = Path(model_dir)
@@ -283,7 +291,11 @@ def fit(
         build_variables(model, dataset_fn(0).element_spec)
         state = RunState(config.seed)
         tf.random.set_global_generator(state.rng)
-        schedule = build_schedule(tcfg.schedule, tcfg.optimizer.learning_rate, tcfg.steps)
+        # Fitting to a time budget makes the length a variable; without it the schedule is the plain one.
+        length = ScheduleLength(tcfg.steps) if _fits_budget(tcfg) else None
+        schedule = build_schedule(
+            tcfg.schedule, tcfg.optimizer.learning_rate, tcfg.steps if length is None else length.steps
+        )
         optimizer = build_optimizer(tcfg.optimizer, schedule)
         clipper = build_clipper(tcfg.clip, exempt=agc_exempt or [])
         loss_scale = LossScale() if config.model.mixed_precision == "mixed_float16" else None
@@ -300,6 +312,12 @@ def fit(
     ckpt = make_checkpoint(model=model, optimizer=optimizer, clip=clipper, train_step=step_fn, state=state)
     manager = checkpoint_manager(ckpt, model_dir, tcfg.keep_checkpoints)
     restored = restore_latest(ckpt, manager) if resume else None
+    end = tcfg.steps  # the step the run ends at: train.steps, or the length fitted to the time budget
+    if length is not None:
+        # Attached after the restore, so checkpoints written without it still restore; TensorFlow fills
+        # it in on attachment from a checkpoint that has it (the fitted length of the interrupted run).
+        ckpt.schedule_length = length
+        end = length.settle(tcfg.steps)
     start = int(state.step.numpy())
 
     dataset = dataset_fn(int(state.data_position.numpy()))
@@ -310,13 +328,25 @@ def fit(
     iterator = iter(dataset)
 
     telemetry = Telemetry(model_dir, start_step=start)
-    bar = _Progress(tcfg.steps, start, progress)
-    t_start = time.monotonic()
-    window_t, window_steps, window_images = time.monotonic(), 0, 0
+    bar = _Progress(end, start, progress)
+    fitter = (
+        BudgetFit(
+            tcfg.time_budget_minutes * 60,
+            tcfg.steps,
+            start,
+            eval_every=tcfg.eval_every,
+            checkpoint_every=tcfg.checkpoint_every,
+            evaluates=evaluate_fn is not None,
+        )
+        if length is not None
+        else None
+    )
+    t_start = mark = clock()
+    window_t, window_steps, window_images = t_start, 0, 0
     last_clipped, last_steps = int(step_fn.clipped_total.numpy()), int(step_fn.steps_total.numpy())
     stop_reason, step, out, consecutive_skips = "steps", start, None, 0
     try:
-        while step < tcfg.steps:
+        while step < end:
             try:
                 images, targets = next(iterator)
             except tf.errors.OpError as err:
@@ -328,7 +358,7 @@ def fit(
             if step == start + 1:  # leave tracing/compilation out of the throughput numbers
                 _ = out["loss"].numpy()
                 window_t, window_steps, window_images = (
-                    time.monotonic(),
+                    clock(),
                     -1,
                     -(batch_size or _batch_of(images)),
                 )
@@ -340,8 +370,8 @@ def fit(
                     stop_reason = "diverged"
             window_steps += 1
             window_images += batch_size if batch_size else _batch_of(images)
-            if step % tcfg.log_every == 0 or step == tcfg.steps or stop_reason == "diverged":
-                now = time.monotonic()
+            if step % tcfg.log_every == 0 or step == end or stop_reason == "diverged":
+                now = clock()
                 clipped_total, steps_total = (
                     int(step_fn.clipped_total.numpy()),
                     int(step_fn.steps_total.numpy()),
@@ -362,31 +392,40 @@ def fit(
                     )
                 if loss_scale is not None:
                     rec["loss_scale"] = float(loss_scale.scale.numpy())
+                if length is not None:
+                    rec["schedule_steps"] = end
                 record = telemetry.log(step, rec)
                 bar.update(step, record)
                 window_t, window_steps, window_images = now, 0, 0
                 last_clipped, last_steps = clipped_total, steps_total
             else:
                 bar.update(step)
-            due = (
-                evaluate_fn is not None
-                and tcfg.eval_every
-                and step % tcfg.eval_every == 0
-                and step < tcfg.steps
-            )
-            if due and _evaluate(
-                evaluate_fn, model, model_dir, state, step, telemetry, tcfg.early_stopping_patience
-            ):
-                stop_reason = "early_stopping"
+            now = clock()
+            if fitter is not None:
+                fitter.step_done(step, now - mark)
+                if step % tcfg.log_every == 0:
+                    end = _refit(fitter, length, bar, step, now - t_start, end)
+            due = evaluate_fn is not None and tcfg.eval_every and step % tcfg.eval_every == 0 and step < end
+            if due:
+                early = _evaluate(
+                    evaluate_fn, model, model_dir, state, step, telemetry, tcfg.early_stopping_patience
+                )
+                now = _overhead(fitter, "eval", now, clock)
+                if early:
+                    stop_reason = "early_stopping"
             if step % tcfg.checkpoint_every == 0:
                 manager.save(checkpoint_number=step)
+                now = _overhead(fitter, "checkpoint", now, clock)
+            mark = now
             if stop_reason in ("early_stopping", "diverged"):
                 break
-            if tcfg.time_budget_minutes and (time.monotonic() - t_start) > tcfg.time_budget_minutes * 60:
+            if tcfg.time_budget_minutes and (now - t_start) > tcfg.time_budget_minutes * 60:
                 stop_reason = "time_budget"
                 break
     finally:
         bar.close()
+    if stop_reason == "steps" and step < tcfg.steps:  # ended at the length fitted to the time budget
+        stop_reason = "fitted_to_budget"
     if evaluate_fn is not None and stop_reason != "early_stopping":
         _evaluate(evaluate_fn, model, model_dir, state, step, telemetry, 0)
     if manager.latest_checkpoint is None or not manager.latest_checkpoint.endswith(f"-{step}"):
@@ -400,8 +439,47 @@ def fit(
         "clip_fraction": int(step_fn.clipped_total.numpy()) / max(int(step_fn.steps_total.numpy()), 1),
         "final_loss": _to_float(out["loss"]) if out is not None else math.nan,
         "best_ap50": float(state.best_ap50.numpy()),
-        "wall_s": time.monotonic() - t_start,
+        "wall_s": clock() - t_start,
+        "steps_planned": tcfg.steps,
+        "steps_fitted": end if length is not None else None,
+        "steps_done": step,
+        "measured_steps_per_s": fitter.rate if fitter is not None else None,
     }
+
+
+def _fits_budget(tcfg: Any) -> bool:
+    """Whether the schedule's length is fitted to `train.time_budget_minutes`."""
+    return bool(tcfg.time_budget_minutes) and bool(tcfg.fit_schedule_to_budget)
+
+
+def _refit(
+    fitter: BudgetFit, length: ScheduleLength, bar: _Progress, step: int, elapsed_s: float, end: int
+) -> int:
+    """Shorten the schedule when the measured times say it would end past the budget; returns the length."""
+    new = fitter.fit(step, elapsed_s, end)
+    if new is None:
+        return end
+    length.shorten(new)
+    bar.set_total(new)
+    log.info(
+        "schedule refitted to the time budget at step %d: %d -> %d steps (%.3g steps/s measured, "
+        "%.0f of %.0f s used)",
+        step,
+        end,
+        new,
+        fitter.rate,
+        elapsed_s,
+        fitter.budget_s,
+    )
+    return new
+
+
+def _overhead(fitter: BudgetFit | None, kind: str, since: float, clock: Callable[[], float]) -> float:
+    """Read the clock after a validation or checkpoint, tell the fitter how long it took; returns the time."""
+    now = clock()
+    if fitter is not None:
+        fitter.overhead(kind, now - since)
+    return now
 
 
 def _agc_exempt_variables(model: keras.Model) -> list:
