@@ -285,7 +285,11 @@ class PredictConfig(_Section):
     tile_size: int | None = Field(None, gt=0, description="Window edge; None = tiling.tile_size.")
     overlap: int = Field(64, ge=0, description="Window overlap in pixels.")
     batch_size: int = Field(4, gt=0, description="Windows per inference batch.")
-    score_threshold: float = Field(0.3, ge=0, le=1, description="Detections below this score are not written.")
+    score_threshold: float | None = Field(
+        None, ge=0, le=1,
+        description="Detections below this score are not written. null = the model's own: the best-F1 threshold "
+        "on its validation tiles stored in the export (0.3 for exports without one).",
+    )
     merge: Literal["nms", "wbf"] = Field("nms", description="How boxes are merged across window seams.")
     merge_iou: float = Field(0.5, gt=0, le=1, description="IoU for the seam merge.")
     max_nodata_fraction: float = Field(0.5, ge=0, le=1, description="Boxes mostly over nodata are dropped.")

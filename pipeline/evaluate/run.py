@@ -168,11 +168,13 @@ def run_evaluation(config: Config, model_dir: Path, tiles_dir: Path, out_dir: Pa
     from pipeline.evaluate.report import write_report
     from pipeline.predict.adapt import SceneAdapter, load_for_predict
     from pipeline.predict.export import write_detections
-    from pipeline.predict.scene import resolve_export_dir
+    from pipeline.predict.scene import output_threshold, resolve_export_dir
 
     model_dir, tiles_dir, out_dir = Path(model_dir), Path(tiles_dir), Path(out_dir)
     export_dir = resolve_export_dir(model_dir)
     detector = load_for_predict(export_dir, config.predict)
+    threshold = output_threshold(config.predict, detector.info)
+    config = config.model_copy(update={"predict": config.predict.model_copy(update={"score_threshold": threshold})})
     model_classes = list(detector.info.get("classes") or config.classes)
     if model_classes != list(config.classes):
         raise SatdetError(f"{export_dir}: model classes {model_classes} differ from config classes "

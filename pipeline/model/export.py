@@ -8,7 +8,8 @@ Layout of an export directory::
     model.weights.h5             keras weights (rebuild with build_detector(model_config, ...) + load_weights)
     labels.json                  {"1": "tree", ...}
     model_info.json              {format, bands, channels, dtype, tile_size, classes, stats, model_config,
-                                  max_detections}
+                                  max_detections, output_threshold: {score_threshold, precision, recall,
+                                  f1, iou, split, level} or null}
 
 Normalisation (pipeline.data.stats.normalize) runs inside the signature, so callers pass source pixels.
 """
@@ -62,8 +63,12 @@ class _Serving(tf.Module):
         self.serve = tf.function(serve, input_signature=[tf.TensorSpec([None, None, None, int(stats["channels"])], dtype)])
 
 
-def export_model(model: Any, stats: dict[str, Any], classes: list[str], out_dir: Path, tile_size: int) -> Path:
-    """Write the export directory ``out_dir`` atomically (see the module docstring); returns it."""
+def export_model(model: Any, stats: dict[str, Any], classes: list[str], out_dir: Path, tile_size: int,
+                 calibration: dict[str, Any] | None = None) -> Path:
+    """Write the export directory ``out_dir`` atomically (see the module docstring); returns it.
+
+    ``calibration`` (pipeline.train.validation.output_threshold: the best-F1 score threshold on the
+    validation tiles) is stored as ``output_threshold``, the default of ``satdet predict``."""
     out_dir = Path(out_dir)
     if int(stats["channels"]) != model.bands:
         raise SatdetError(f"stats.json has {stats['channels']} channels but the model was built for {model.bands} bands")
@@ -78,6 +83,7 @@ def export_model(model: Any, stats: dict[str, Any], classes: list[str], out_dir:
         "stats": stats,
         "model_config": model.cfg.model_dump(mode="json"),
         "max_detections": model.cfg.max_detections,
+        "output_threshold": calibration,
     }
     with atomic_dir(out_dir) as tmp:
         tf.saved_model.save(module, str(tmp), signatures={"serve": module.serve})

@@ -141,6 +141,17 @@ def load_detector(export_dir: str | Path) -> Detector:
     return load_exported(export_dir)
 
 
+DEFAULT_OUTPUT_THRESHOLD = 0.3  # for exports without a validation-calibrated threshold
+
+
+def output_threshold(cfg: PredictConfig, info: dict[str, Any]) -> float:
+    """predict.score_threshold, or when unset the export's calibrated threshold (model_info.json), else 0.3."""
+    if cfg.score_threshold is not None:
+        return float(cfg.score_threshold)
+    calibrated = (info.get("output_threshold") or {}).get("score_threshold")
+    return float(calibrated) if calibrated is not None else DEFAULT_OUTPUT_THRESHOLD
+
+
 def model_bands(info: dict[str, Any]) -> list[int]:
     """1-based source band indices the model was trained on."""
     bands = info.get("bands") or (info.get("stats") or {}).get("bands")
@@ -295,6 +306,8 @@ def predict_region(
     from pipeline.geo.raster import crs_string, open_raster
 
     info = detector.info
+    if cfg.score_threshold is None:
+        cfg = cfg.model_copy(update={"score_threshold": output_threshold(cfg, info)})
     size = int(cfg.tile_size or info["tile_size"])
     with open_raster(scene) as ds:
         bands = check_scene(ds, scene, info)

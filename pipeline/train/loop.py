@@ -579,8 +579,14 @@ def run_training(config: Config, tiles_dir: Path, model_dir: Path, resume: bool 
         agc_exempt=exempt,
         explain_data_error=lambda err: explain_data_error(err, tiles_dir, "train"),
     )
+    calibration = None
     if evaluate_fn is not None:
         load_best(model, model_dir)  # export the best validation weights, not just the last ones
-    export_model(model, stats, list(config.classes), model_dir / "export", int(stats["tile_size"]))
+        from pipeline.train.validation import output_threshold, validation_metrics
+
+        calibration = output_threshold(validation_metrics(model, val, classes, max_dets, predict_fn=predict_fn))
+        summary["output_threshold"] = calibration
+    export_model(model, stats, list(config.classes), model_dir / "export", int(stats["tile_size"]),
+                 calibration=calibration)
     atomic_write_json(model_dir / "train_summary.json", summary)
     return model_dir

@@ -4,6 +4,7 @@ pipeline.evaluate.metrics (pycocotools) — the number used for the best checkpo
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -26,6 +27,28 @@ def validation_ap50(
     """COCO AP50 of `model` over a finite (images, targets) dataset; -1 when there is no ground truth.
 
     `predict_fn` (from `make_predict_fn`) avoids re-tracing at every validation; default: eager calls."""
+    metrics = validation_metrics(model, dataset, class_names, max_dets, predict_fn)
+    return -1.0 if metrics is None else float(metrics["AP50"])
+
+
+def output_threshold(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The score threshold that maximises F1 at IoU 0.5 on the validation tiles, with its precision/recall
+    (stored in the export as the model's default output threshold); None when it is undefined."""
+    prf = ((metrics or {}).get("prf") or {}).get("0.5")
+    if not prf or prf.get("score_threshold", -1) < 0 or prf.get("f1", 0) <= 0:
+        return None
+    return {"score_threshold": float(prf["score_threshold"]), "iou": 0.5, "split": "val", "level": "tile",
+            **{k: float(prf[k]) for k in ("precision", "recall", "f1")}}
+
+
+def validation_metrics(
+    model: keras.Model,
+    dataset: tf.data.Dataset,
+    class_names: list[str],
+    max_dets: int = 1000,
+    predict_fn: Callable[[tf.Tensor], dict[str, tf.Tensor]] | None = None,
+) -> dict[str, Any] | None:
+    """pipeline.evaluate.metrics.coco_metrics of `model` over a finite dataset; None without ground truth."""
     gts: list[ImageBoxes] = []
     dets: list[ImageDetections] = []
     for images, targets in dataset:
@@ -42,8 +65,8 @@ def validation_ap50(
                 )
             )
     if not gts:
-        return -1.0
-    return float(coco_metrics(gts, dets, class_names, max_dets=max_dets)["AP50"])
+        return None
+    return coco_metrics(gts, dets, class_names, max_dets=max_dets)
 
 
-__all__ = ["validation_ap50"]
+__all__ = ["output_threshold", "validation_ap50", "validation_metrics"]
