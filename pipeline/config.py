@@ -123,7 +123,29 @@ class ModelConfig(_Section):
     backbone: Literal["mobilenet_v3_large", "resnet50", "tiny"] = Field(
         "mobilenet_v3_large", description="Feature extractor."
     )
-    weights: str = Field("none", description="'none', 'imagenet' (needs network) or a path to a weights file.")
+    weights: str = Field(
+        "none",
+        description="'none' (random init), 'imagenet' (keras downloads it once into $KERAS_HOME/models) or the path "
+        "of a keras include_top=False weights file (.h5) of the 3-band application. Pretrained backbones get "
+        "the weights' input convention and frozen batch norm (docs/model.md, 'Pretrained backbones').",
+    )
+    freeze_bn: bool | None = Field(
+        None,
+        description="Run backbone batch norm in inference mode with fixed gamma/beta (torchvision's "
+        "FrozenBatchNorm2d). null = frozen when model.weights is pretrained, trainable when 'none'.",
+    )
+    freeze_stages: int = Field(
+        0, ge=0, le=4,
+        description="Make the backbone stem and its first N stages non-trainable (ResNet50: conv1 + conv2_x..; "
+        "MobileNetV3: stem + blocks by stride). 0 = all trainable; 1 = torchvision's default. Meant for "
+        "pretrained weights (with weights: none it freezes random layers).",
+    )
+    pretrained_input: bool | None = Field(
+        None,
+        description="Map the normalised bands to the pretrained weights' input convention (0-255 stretch, then "
+        "ResNet50 BGR minus the ImageNet mean / MobileNetV3 x/127.5-1). null = when weights is not 'none'; "
+        "exports record the resolved value, so a rebuild with weights: none + load_weights keeps the mapping.",
+    )
     bn_momentum: float | None = Field(
         0.9, gt=0, lt=1,
         description="Backbone batch-norm moving-average momentum (Keras convention). Keras' MobileNetV3 uses 0.999, "

@@ -12,6 +12,7 @@ NumPy constants of the static shape, so each new image size traces a new graph.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +21,7 @@ import tensorflow as tf
 
 from pipeline.config import ModelConfig
 from pipeline.model.anchors import multilevel_anchors, num_anchors_per_location
-from pipeline.model.backbone import build_backbone
+from pipeline.model.backbone import build_backbone, is_pretrained
 from pipeline.model.boxes import BoxCoder, batched_nms, clip_boxes, resolve_nms_impl
 from pipeline.model.fpn import FPN
 from pipeline.model.roi import BoxHead, resolve_roi_align_impl, roi_align, roi_loss, sample_rois
@@ -57,15 +58,23 @@ class FasterRCNN(keras.Model):
         model_cfg: the ``model`` config section (or its dict).
         num_classes: number of object classes (background excluded; labels are 1-based).
         bands: input channels.
+        stats: tiles/stats.json (per-band low, high, mean, std) for a pretrained backbone's input mapping;
+            None reads the inputs as z-scores (see backbone.input_affine). Unused with ``weights: none``.
     """
 
-    def __init__(self, model_cfg: ModelConfig | dict, num_classes: int, bands: int, **kwargs: Any) -> None:
+    def __init__(self, model_cfg: ModelConfig | dict, num_classes: int, bands: int,
+                 stats: dict[str, Any] | None = None, **kwargs: Any) -> None:
         cfg = model_cfg if isinstance(model_cfg, ModelConfig) else ModelConfig.model_validate(model_cfg)
+        if cfg.pretrained_input is None and is_pretrained(cfg.weights):
+            # recorded (get_config, exports) so a rebuild with weights: none + load_weights keeps the layer
+            cfg = cfg.model_copy(update={"pretrained_input": True})
         kwargs.setdefault("dtype", cfg.mixed_precision)
         super().__init__(**kwargs)
         self.cfg = cfg
         self.num_classes = int(num_classes)
         self.bands = int(bands)
+        # a string: keras/TF attribute tracking would wrap a dict
+        self._stats_json = json.dumps(stats, default=lambda v: v.tolist())  # numpy values too
         self.roi_min_level = cfg.min_level
         self.roi_max_level = min(cfg.max_level, _ROI_MAX_LEVEL)
         self.num_anchors = num_anchors_per_location(cfg.aspect_ratios, cfg.anchor_scales_per_octave)
@@ -75,7 +84,9 @@ class FasterRCNN(keras.Model):
         self.nms_impl = resolve_nms_impl(cfg.nms_impl)
         backbone_top = min(cfg.max_level, _ROI_MAX_LEVEL)
         with _dtype_policy(cfg.mixed_precision):
-            self.backbone = build_backbone(cfg.backbone, self.bands, cfg.weights, cfg.bn_momentum)
+            self.backbone = build_backbone(cfg.backbone, self.bands, cfg.weights, cfg.bn_momentum,
+                                           freeze_bn=cfg.freeze_bn, freeze_stages=cfg.freeze_stages, stats=stats,
+                                           pretrained_input=cfg.pretrained_input)
             self.fpn = FPN(cfg.fpn_channels, num_inputs=backbone_top - cfg.min_level + 1,
                            extra_levels=cfg.max_level - backbone_top, name="fpn")
             self.rpn_head = RPNHead(cfg.fpn_channels, self.num_anchors, name="rpn_head")
@@ -189,12 +200,15 @@ class FasterRCNN(keras.Model):
         return out
 
     def get_config(self) -> dict[str, Any]:
-        return {"model_cfg": self.cfg.model_dump(mode="json"), "num_classes": self.num_classes, "bands": self.bands}
+        return {"model_cfg": self.cfg.model_dump(mode="json"), "num_classes": self.num_classes, "bands": self.bands,
+                "stats": json.loads(self._stats_json)}
 
 
-def build_detector(model_cfg: ModelConfig, num_classes: int, bands: int) -> FasterRCNN:
-    """Build a FasterRCNN for ``num_classes`` object classes and ``bands`` input channels."""
-    return FasterRCNN(model_cfg, num_classes, bands)
+def build_detector(model_cfg: ModelConfig, num_classes: int, bands: int,
+                   stats: dict[str, Any] | None = None) -> FasterRCNN:
+    """Build a FasterRCNN for ``num_classes`` object classes and ``bands`` input channels; ``stats``
+    (tiles/stats.json) set a pretrained backbone's input mapping (docs/model.md, 'Pretrained backbones')."""
+    return FasterRCNN(model_cfg, num_classes, bands, stats)
 
 
 __all__ = ["LOSS_NAMES", "FasterRCNN", "build_detector"]

@@ -36,3 +36,25 @@ def test_bn_momentum_moves_inference_statistics_within_a_few_training_calls():
 def test_unknown_backbone_is_a_user_error():
     with pytest.raises(SatdetError, match="unknown"):
         build_backbone("vgg", 3)
+
+
+def test_random_weights_keep_plain_inputs_and_trainable_batch_norm():
+    backbone = build_backbone("mobilenet_v3_large", 3)  # weights 'none': freeze_bn auto -> trainable
+    assert "pretrained_input" not in {layer.name for layer in backbone.layers}
+    bns = [layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bns and all(layer.trainable for layer in bns)
+    frozen = build_backbone("mobilenet_v3_large", 3, freeze_bn=True)
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) and layer.trainable for layer in frozen.layers)
+
+
+def test_stages_follow_the_feature_strides():
+    from pipeline.model.backbone import stage_of
+
+    assert [stage_of("resnet50", n) for n in ("conv1_conv", "pool1_pad", "conv2_block1_1_bn", "conv5_block3_out")] == [
+        0, 0, 1, 4]
+    names = ("conv_bn", "expanded_conv_depthwise", "expanded_conv_1_expand", "expanded_conv_3_project",
+             "expanded_conv_6_expand", "expanded_conv_11_add", "expanded_conv_12_depthwise", "conv_1_bn", "input_1")
+    assert [stage_of("mobilenet_v3_large", n) for n in names] == [0, 0, 1, 2, 3, 3, 4, 4, None]
+    assert [stage_of("tiny", n) for n in ("tiny_stem", "tiny_c2_down", "tiny_c5")] == [0, 1, 4]
+    with pytest.raises(SatdetError, match="freeze_stages"):
+        build_backbone("tiny", 3, freeze_stages=5)
