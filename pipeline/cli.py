@@ -82,17 +82,52 @@ def config_cmd(config: ConfigArg, set_: SetOpt = None) -> None:
 # ------------------------------------------------------------------------------------ tiling (issue 2)
 @app.command("tile")
 @friendly_errors
-def tile_cmd(config: ConfigArg, set_: SetOpt = None) -> None:
+def tile_cmd(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    check: Annotated[bool, typer.Option(
+        "--check", help="First read every block of every scene; report each unreadable one and stop (exit 2).")] = False,
+) -> None:
     """Tile the configured scenes into TFRecords (run_dir/tiles) and write the resolved config."""
     from pipeline.config import save_config
     from pipeline.geo.tiling import run_tiling, summary_lines
 
     cfg = load(config, set_)
+    if check:
+        from pipeline.geo.check import check_rasters
+
+        results = check_rasters([s.image for s in cfg.tiling.scenes])
+        bad = [r for r in results if not r.ok]
+        for r in bad:
+            typer.secho(f"error: {r.error}", fg=typer.colors.RED, err=True)
+        if bad:
+            typer.secho(f"error: {len(bad)} of {len(results)} scene(s) unreadable; nothing was tiled",
+                        fg=typer.colors.RED, err=True)
+            raise typer.Exit(2)
+        typer.echo(f"check: {len(results)} scene(s) read in full, no errors")
     tiles = run_tiling(cfg)
     save_config(cfg, cfg.run_dir / "config.yaml")
     for line in summary_lines(tiles):
         typer.echo(line)
     typer.echo(f"config: {cfg.run_dir / 'config.yaml'}")
+
+
+@app.command("inspect")
+@friendly_errors
+def inspect_cmd(
+    scenes: Annotated[list[Path], typer.Argument(help="Rasters to check (any GDAL path or URL).")],
+) -> None:
+    """Print each raster's size, bands, dtype, CRS and nodata, then read every block: OK, or the error (exit 2)."""
+    from pipeline.geo.check import check_rasters, describe
+
+    results = check_rasters(scenes)
+    for r in results:
+        if r.info is not None:
+            typer.echo(f"{r.path}: {describe(r.info)}: {'OK' if r.ok else 'UNREADABLE'}")
+        if not r.ok:
+            typer.secho(f"error: {r.error}", fg=typer.colors.RED, err=True)
+    if not all(r.ok for r in results):
+        raise typer.Exit(2)
 
 
 @app.command("synth")

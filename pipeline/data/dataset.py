@@ -3,7 +3,8 @@
 Order of operations (training):
   shard files (shuffled per epoch) → interleave → shuffle *serialised* records (small buffer memory)
   → repeat → enumerate (the global position seeds augmentation) → [skip for resume]
-  → one parallel map: parse + decode → albumentations via tf.numpy_function → normalise → pad
+  → one parallel map: parse + decode → nodata (NaN in float tiles) := band mean → albumentations via
+    tf.numpy_function → normalise → pad
     (with augmentation, normalisation runs inside the numpy_function: stats.numpy_normalizer, the
     same formula as stats.normalize, a cv2.LUT for uint8 — five times cheaper than the TF ops)
   → batch (drop_remainder, static shapes) → prefetch.
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.records import ERROR_TAG, parse_tile
-from pipeline.data.stats import load_stats, normalize, numpy_normalizer
+from pipeline.data.stats import fill_nonfinite, load_stats, normalize, numpy_normalizer
 from pipeline.errors import SatdetError
 from pipeline.files import atomic_write_json
 
@@ -193,6 +194,8 @@ def build_dataset(
         )
         with tf.control_dependencies([tf.debugging.Assert(ok, [message])]):  # before pad/ensure_shape can fail
             image, boxes, labels = tf.identity(image), tf.identity(boxes), tf.identity(labels)
+        if np.dtype(dtype).kind == "f":  # nodata pixels of float tiles are NaN: the band mean, before augmenting
+            image = fill_nonfinite(image, stats)
         if augmenter is not None:
             image, boxes, labels = tf.numpy_function(
                 augment_np, [image, boxes, labels, index], [tf.float32, tf.float32, tf.int32], stateful=False

@@ -4,6 +4,10 @@
 
 `low`/`high` are per-band percentiles of the training pixels; `mean`/`std` are measured on the clipped
 training pixels (written by the tiling stage). A band with std 0 (constant) is divided by 1 instead.
+
+Nodata: float tiles carry their nodata pixels as NaN; for float dtypes a non-finite pixel is replaced by
+the band's `mean` before clipping, so it normalises to exactly 0 and never reaches the model
+(`fill_nonfinite`). Integer pixels are always finite and pass unchanged.
 """
 
 from __future__ import annotations
@@ -67,6 +71,36 @@ def _constants(stats: dict[str, Any]) -> tuple[np.ndarray, ...]:
     return low, high, mean, std
 
 
+def _floating(stats: dict[str, Any]) -> bool:
+    """Whether the tiles' pixels are floats (the only ones that can hold NaN nodata)."""
+    return np.dtype(str(stats.get("dtype", "float32"))).kind == "f"
+
+
+def fill_value(stats: dict[str, Any]) -> np.ndarray:
+    """Per-band raw value that nodata pixels take (the training mean: 0 after normalisation), float32."""
+    return np.asarray(stats["mean"], np.float32)
+
+
+def fill_nonfinite(images: Any, stats: dict[str, Any]) -> Any:
+    """TF: replace NaN/inf pixels (..., C) of float images by the band mean (`fill_value`); others unchanged."""
+    import tensorflow as tf
+
+    if not images.dtype.is_floating:
+        return images
+    fill = tf.cast(fill_value(stats), images.dtype)
+    return tf.where(tf.math.is_finite(images), images, fill)
+
+
+def fill_nonfinite_numpy(images: np.ndarray, stats: dict[str, Any]) -> np.ndarray:
+    """NumPy twin of `fill_nonfinite` (a copy only when something is replaced)."""
+    if images.dtype.kind != "f":
+        return images
+    bad = ~np.isfinite(images)
+    if not bad.any():
+        return images
+    return np.where(bad, fill_value(stats).astype(images.dtype), images)
+
+
 def normalize(images: Any, stats: dict[str, Any]) -> Any:
     """Normalise raw pixels (..., C) of any numeric dtype to float32: (clip(x, low, high) - mean) / std.
 
@@ -77,6 +111,8 @@ def normalize(images: Any, stats: dict[str, Any]) -> Any:
 
     low, high, mean, std = _constants(stats)
     x = tf.cast(images, tf.float32)
+    if _floating(stats):
+        x = tf.where(tf.math.is_finite(x), x, mean)  # nodata (NaN) -> the band mean -> 0
     x = tf.clip_by_value(x, low, high)
     return (x - mean) / std
 
@@ -90,7 +126,10 @@ def denormalize(images: Any, stats: dict[str, Any]) -> np.ndarray:
 def normalize_numpy(images: np.ndarray, stats: dict[str, Any]) -> np.ndarray:
     """NumPy twin of `normalize` (for tools and reference checks)."""
     low, high, mean, std = _constants(stats)
-    return (np.clip(np.asarray(images, np.float32), low, high) - mean) / std
+    x = np.asarray(images, np.float32)
+    if _floating(stats):
+        x = np.where(np.isfinite(x), x, mean)  # nodata (NaN) -> the band mean -> 0
+    return (np.clip(x, low, high) - mean) / std
 
 
 def numpy_normalizer(stats: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray]:

@@ -10,7 +10,9 @@ and rows shared with the previous strip are copied, so every pixel is decoded on
 strip, stored as raw bytes (or PNG, `tiling.encoding`) and handed to `_ShardWriter`, whose thread appends
 them to per-split TFRecord parts — without TensorFlow. Memory is bounded by the strip buffers, whatever the
 scene size. Everything is written into temporary folders that replace the output only when complete, so a
-failure leaves no partial output.
+failure leaves no partial output. A GDAL read error in the reader thread (a corrupt or cut-short file) reaches
+the caller, across the process pool too, as one SatdetError naming the file and the rows. Float nodata is
+written as NaN (normalisation makes it the band mean: pipeline.data.stats).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from pipeline.files import atomic_dir, atomic_write_json, atomic_write_text
 from pipeline.geo.edges import EdgePolicy
 from pipeline.geo.labels import read_labels
 from pipeline.geo.plan import SPLITS, plan_tiling, splits_json, tile_starts, window_pairs, window_splits
-from pipeline.geo.raster import info_from_dataset, nodata_mask, open_raster
+from pipeline.geo.raster import READ_ERRORS, info_from_dataset, nodata_mask, open_raster, read_error
 
 __all__ = ["EdgePolicy", "finalize_tiling", "plan_tiling", "run_tiling", "tile_scene"]
 
@@ -183,6 +185,7 @@ class _StripReader:
 
     def __init__(self, ds: Any, rows: list[int], tile: int, bands: list[int], dtype: str) -> None:
         self.ds, self.rows, self.tile, self.bands = ds, rows, tile, bands
+        self.nan_fill = np.dtype(dtype).kind == "f"  # nodata pixels of float strips become NaN
         self.height, self.width = ds.height, ds.width
         block_h = ds.block_shapes[0][0] if ds.block_shapes else 1
         self.block_h = block_h if 1 < block_h <= tile else 1  # huge strips (untiled files): no alignment
@@ -206,6 +209,7 @@ class _StripReader:
 
     def _run(self) -> None:
         prev: tuple[int, int, np.ndarray] | None = None  # (first row, rows held, buffer) of the last strip
+        where = ""
         try:
             for r in self.rows:
                 buf = self._take()
@@ -222,13 +226,19 @@ class _StripReader:
                     keep = min(prev[0] + prev[1], end) - r
                     buf[:keep] = prev[2][r - prev[0]:r - prev[0] + keep]
                     start = r + keep
+                where = f"rows {start}-{end - 1}"
                 if start < end:
                     self._read_rows(start, end, buf[start - r:end - r])
                 prev = (r, end - r, buf)
                 data = buf[:h]
+                where = f"rows {r}-{r + h - 1} (mask)"
                 mask = nodata_mask(self.ds, data.transpose(2, 0, 1), Window(0, r, self.width, h), self.bands)
+                if self.nan_fill and mask is not None:
+                    data[mask] = np.nan  # float nodata is NaN in the tiles: normalisation makes it the band mean
                 self._done.put((r, data, mask, buf))
             self._done.put(None)
+        except READ_ERRORS as exc:  # a corrupt or cut-short file: one line naming the rows, not a traceback
+            self._done.put(read_error(self.ds.name, exc, where))
         except BaseException as exc:  # noqa: BLE001 (handed to the consumer, raised there)
             self._done.put(exc)
 
@@ -326,7 +336,9 @@ def tile_scene(config: Config, scene_index: int, work_dir: Path, progress: Progr
                           plan["dtype"]) as strips:
             labels = read_labels(scene["labels"], info, classes, t.label_field)
             selected, counts = _select_tiles(scene, plan, config, labels)
-            fill = scene["nodata"] if scene["nodata"] is not None else 0
+            # the pad of a scene smaller than a tile: the nodata value (0 without one); NaN in float scenes,
+            # like their nodata pixels, so that normalisation turns it into the band mean (0)
+            fill = math.nan if np.dtype(plan["dtype"]).kind == "f" else scene["nodata"] or 0
             n_train = sum(e["split"] == "train" for e in selected.values())
             per_tile = math.ceil(t.stats_max_pixels / max(1, n_train))
             rng = np.random.default_rng([config.seed, scene_index, 1])

@@ -5,7 +5,9 @@
 
 Memory is bounded regardless of scene size: a reader thread reads windows with rasterio (one window per
 read) into a queue of at most two batches, while the main thread runs the model; only the boxes are
-kept for the whole scene.
+kept for the whole scene. A read error (corrupt or cut-short file) arrives as one SatdetError naming the
+file and the window. Nodata pixels of float scenes are handed to the model as the training mean (0 after
+normalisation), never as NaN.
 
 Windows: `tile_size` (None → the size the model was trained on) with `overlap`; the last row/column is
 shifted inward so every window lies inside the scene (or the region); a scene smaller than a window is
@@ -173,14 +175,22 @@ def check_scene(ds: Any, path: str | Path, info: dict[str, Any]) -> list[int]:
 
 # --------------------------------------------------------------------------------------------- reading
 def _read_batches(path: str, windows: Sequence[_Window], bands: list[int], size: int, batch: int,
-                  out: queue.Queue, stop: threading.Event) -> None:
-    """Reader thread: (images, nodata masks, windows) per batch, then None. Errors are forwarded."""
+                  out: queue.Queue, stop: threading.Event, fill: Sequence[float] | None = None) -> None:
+    """Reader thread: (images, nodata masks, windows) per batch, then None. Errors are forwarded; a GDAL
+    read error as a one-line SatdetError naming the window.
+
+    Nodata pixels of float scenes (NaN, the nodata value, masked) get `fill` (per band; None: NaN, which
+    `pipeline.data.stats.normalize` turns into the band mean); integer pixels are passed as read.
+    """
     from rasterio.windows import Window
 
-    from pipeline.geo.raster import nodata_mask, open_raster
+    from pipeline.geo.raster import nodata_mask, open_raster, read_window
 
     try:
         with open_raster(path) as ds:
+            floating = np.dtype(ds.dtypes[0]).kind == "f"
+            fill_col = (np.full((len(bands), 1), np.nan) if fill is None
+                        else np.asarray(fill, np.float64).reshape(-1, 1))
             for k in range(0, len(windows), batch):
                 chunk = windows[k:k + batch]
                 # Windows are `size` square unless the region is smaller: then the window is the region
@@ -190,9 +200,11 @@ def _read_batches(path: str, windows: Sequence[_Window], bands: list[int], size:
                 masks = np.zeros((len(chunk), hh, ww), bool)
                 for n, w in enumerate(chunk):
                     win = Window(w.col, w.row, w.width, w.height)
-                    data = ds.read(bands, window=win)
-                    images[n, :w.height, :w.width] = np.moveaxis(data, 0, -1)
+                    data = read_window(ds, win, bands)  # a read error names the file and the window
                     m = nodata_mask(ds, data, win, bands)
+                    if floating and m is not None and m.any():
+                        data[:, m] = fill_col  # NaN never reaches the model
+                    images[n, :w.height, :w.width] = np.moveaxis(data, 0, -1)
                     masks[n, :w.height, :w.width] = False if m is None else m
                 while not stop.is_set():
                     try:
@@ -207,11 +219,13 @@ def _read_batches(path: str, windows: Sequence[_Window], bands: list[int], size:
         out.put(err)
 
 
-def _batches(path: str, windows: Sequence[_Window], bands: list[int], size: int, batch: int
-             ) -> Iterator[tuple[np.ndarray, np.ndarray, Sequence[_Window]]]:
+def _batches(path: str, windows: Sequence[_Window], bands: list[int], size: int, batch: int,
+             fill: Sequence[float] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray, Sequence[_Window]]]:
+    """(images, nodata masks, windows) per batch, read ahead by a thread; its errors are raised here."""
     q: queue.Queue = queue.Queue(maxsize=2)  # at most two batches in flight: flat memory
     stop = threading.Event()
-    t = threading.Thread(target=_read_batches, args=(path, windows, bands, size, batch, q, stop), daemon=True)
+    t = threading.Thread(target=_read_batches, args=(path, windows, bands, size, batch, q, stop, fill),
+                         daemon=True)
     t.start()
     try:
         while True:
@@ -224,6 +238,15 @@ def _batches(path: str, windows: Sequence[_Window], bands: list[int], size: int,
     finally:
         stop.set()
         t.join(timeout=5)
+
+
+def _fill(info: dict[str, Any], bands: list[int]) -> list[float]:
+    """Raw per-band value for nodata pixels of float scenes: the training mean (0 after normalisation);
+    0 when the model carries no statistics."""
+    mean = (info.get("stats") or {}).get("mean")
+    if mean is None or len(mean) != len(bands) or not np.all(np.isfinite(mean)):
+        return [0.0] * len(bands)
+    return [float(v) for v in mean]
 
 
 # --------------------------------------------------------------------------------------------- per window
@@ -327,7 +350,7 @@ def predict_region(
     kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     seam: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     done = 0
-    for images, masks, chunk in _batches(str(scene), windows, bands, size, cfg.batch_size):
+    for images, masks, chunk in _batches(str(scene), windows, bands, size, cfg.batch_size, _fill(info, bands)):
         out = detector.predict(images)
         out = {k: np.asarray(v) for k, v in out.items()}
         for n, w in enumerate(chunk):
