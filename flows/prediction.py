@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.tasks import exponential_backoff
 
+from flows.alerts import on_run_failure
 from flows.caching import key_fn
 from flows.training import _transient
 from pipeline.config import Config, PredictConfig
@@ -53,7 +54,7 @@ def _export_dir(model_dir: Path) -> Path:
     raise SatdetError(f"{model_dir}: no exported model here; pass a run's model/ folder (with export/) or export/ itself")
 
 
-@flow(name="satdet-predict")
+@flow(name="satdet-predict", on_failure=[on_run_failure], on_crashed=[on_run_failure])
 def predict_scenes(
     model_dir: str, scenes: list[str], out: str, predict: dict[str, Any] | None = None, force: bool = False
 ) -> list[str]:

@@ -14,7 +14,10 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.alerts import on_run_failure
+from flows.locking import run_folder_lock
 from flows.reporting import slug
+from flows.runlog import pipeline_logs_to_run
 from pipeline.config import Config, load_config, save_config
 
 
@@ -43,7 +46,7 @@ def study_report(config: Config, plan: Any, out_dir: Path) -> Path:
     return Path(report.write_report(config, plan, Path(out_dir)))
 
 
-@flow(name="satdet-clipping-study")
+@flow(name="satdet-clipping-study", on_failure=[on_run_failure], on_crashed=[on_run_failure])
 def clipping_study(
     config_path: str,
     overrides: list[str] | None = None,
@@ -67,14 +70,21 @@ def clipping_study(
         force: re-run runs that already have a stored result.
     """
     from pipeline.study.plan import LRS, STRATEGIES, StudyPlan
-    from pipeline.study.report import read_results
-    from pipeline.study.runner import check_tiles
 
     logger = get_run_logger()
     config = load_config(config_path, overrides or [])
     plan = StudyPlan(strategies=tuple(strategies or STRATEGIES), lrs=tuple(lrs or LRS),
                      seeds=tuple(seeds if seeds is not None else (0,)), steps=steps, target_fraction=target_fraction)
     run_dir = config.run_dir.resolve()
+    # The study trains on the run folder's tiles: it holds the folder like a training run does.
+    with run_folder_lock(run_dir, logger), pipeline_logs_to_run():
+        return _clipping_study(config, plan, run_dir, force, logger)
+
+
+def _clipping_study(config: Config, plan: Any, run_dir: Path, force: bool, logger: Any) -> dict[str, Any]:
+    from pipeline.study.report import read_results
+    from pipeline.study.runner import check_tiles
+
     tiles_dir, out_dir = run_dir / "tiles", run_dir / "study"
     if not (tiles_dir / "stats.json").exists():
         tile(config, tiles_dir)
@@ -82,7 +92,7 @@ def clipping_study(
     save_config(config, run_dir / "config.yaml")
 
     runs = plan.runs()
-    logger.info("%d runs × %d steps → %s", len(runs), steps, out_dir)
+    logger.info("%d runs × %d steps → %s", len(runs), plan.steps, out_dir)
     for spec in runs:  # called, not submitted: the main thread, one run at a time
         result = study_run(config, plan, spec, tiles_dir, out_dir, force, run_id=spec.run_id)
         logger.info("%s: %s", spec.run_id, result.get("status"))

@@ -1,10 +1,16 @@
-"""The training pipeline as a Prefect flow: tile (one task per scene) → build_dataset → train → evaluate.
+"""The training pipeline as a Prefect flow: plan tiling → tile (one task per scene, at most
+`tiling.workers` at a time) → finalize → build_dataset → train → evaluate.
 
 Tasks are thin: each calls one `pipeline` stage function and passes paths on. Every task caches on the
-*content* of its inputs plus the config sections it reads (flows/caching.py), so re-running with nothing
-changed skips straight to the report, and changing e.g. `tiling.tile_size` re-runs tiling and everything
-after it. `force=True` (`satdet run --force`) refreshes every stage. A stage whose output folder has gone
-missing is re-run even on a cache hit.
+*content* of its inputs, the config sections it reads and the source of the code it runs
+(flows/caching.py), so re-running with nothing changed skips straight to the report, and changing e.g.
+`tiling.tile_size` re-runs tiling and everything after it. `force=True` (`satdet run --force`) refreshes
+every stage. A stage whose output folder has gone missing is re-run even on a cache hit.
+
+One run at a time per run folder: the flow holds the folder's lock (flows/locking.py) from the moment it
+knows the folder until the report is written, and the train and evaluate tasks take it too when called
+on their own, so overlapping runs queue. The `pipeline.*` log lines and the trainer's progress go to the
+run's Prefect log (flows/runlog.py); a failed, crashed or timed-out run calls flows/alerts.py.
 
 Stage modules are imported inside the tasks: importing this module stays light (no TensorFlow), which
 keeps `satdet schedule` quick and lets tests swap a stage function on its module.
@@ -12,23 +18,26 @@ keeps `satdet schedule` quick and lets tests swap a stage function on its module
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import hashlib
 import json
+import os
 import shutil
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.tasks import exponential_backoff
+from prefect.utilities.timeout import timeout
 
-from flows.caching import config_digest, key_fn
+from flows.alerts import on_run_failure
+from flows.caching import config_digest, fingerprint, key_fn, stage_code, stage_key
+from flows.locking import run_folder_lock
 from flows.reporting import publish_artifacts, slug
-from pipeline.config import Config, ConfigError, load_config, save_config
+from flows.runlog import follow_training, pipeline_logs_to_run
+from pipeline.config import Config, ConfigError, config_from_dict, load_config, save_config
 from pipeline.errors import SatdetError
+from pipeline.files import atomic_write_json, atomic_write_text
 from pipeline.tf_quiet import import_tensorflow
 
 # Share of the progress bar each stage completes (training dominates the wall time).
@@ -42,6 +51,48 @@ def _transient(_task: Any, _task_run: Any, state: Any) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ tasks
+PLAN_KEY_FILE = "plan.key"
+
+
+def _scene_plan(work_dir: Path, scene_index: int) -> Any:
+    """The plan's entry for one scene plus the plan-wide fields (what one scene's tiles depend on)."""
+    from pipeline.geo.tiling import PLAN_FILE
+
+    try:
+        plan = json.loads((Path(work_dir) / PLAN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    shared = {k: v for k, v in plan.items() if k != "scenes"}
+    return hashlib.sha256(json.dumps([shared, plan["scenes"][scene_index]], sort_keys=True,
+                                     default=str).encode()).hexdigest()
+
+
+@task(
+    name="plan-tiling",
+    retries=2,
+    retry_delay_seconds=exponential_backoff(backoff_factor=5),
+    retry_condition_fn=_transient,
+)
+def plan_tiling(config: Config, work_dir: Path, force: bool = False) -> Path:
+    """Read every scene's header once and write the tiling plan (windows, blocks, splits) to
+    work_dir/plan.json, before the scene tasks start: they all read this one file. The plan is kept while
+    the scenes (and the tiling config, which names work_dir) are unchanged, and redone when a scene file
+    is replaced (its size may differ)."""
+    from pipeline.geo import tiling
+
+    work_dir = Path(work_dir)
+    scenes = {i: [fingerprint(s.image), fingerprint(s.labels) if s.labels else None]
+              for i, s in enumerate(config.tiling.scenes)}
+    key = stage_key("plan-tiling", config, ["tiling"], scenes, work_dir, code=stage_code("tile-scene"))
+    plan_file, key_file = work_dir / tiling.PLAN_FILE, work_dir / PLAN_KEY_FILE
+    if not force and plan_file.exists() and key_file.exists() and key_file.read_text() == key:
+        return plan_file
+    work_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(plan_file, tiling.plan_tiling(config))
+    atomic_write_text(key_file, key)
+    return plan_file
+
+
 @task(
     name="tile-scene",
     task_run_name="tile-scene-{scene_index}",
@@ -56,6 +107,7 @@ def _transient(_task: Any, _task_run: Any, state: Any) -> bool:
             "image": p["config"].tiling.scenes[p["scene_index"]].image,
             "labels": p["config"].tiling.scenes[p["scene_index"]].labels,
             "scene_index": p["scene_index"],
+            "plan": _scene_plan(p["work_dir"], p["scene_index"]),
         },
         output="work_dir",
     ),
@@ -104,12 +156,26 @@ def build_dataset(config: Config, tiles_dir: Path) -> Path:
     persist_result=True,
 )
 def train(config: Config, tiles_dir: Path, model_dir: Path, progress_id: Any = None) -> Path:
-    """Train the detector (called directly from the flow, so it runs on the flow's main thread)."""
+    """Train the detector (called directly from the flow, so it runs on the flow's main thread).
+
+    Holds the run folder (model_dir's parent) while it trains; logs the trainer's telemetry (one line per
+    `train.log_every` steps: step, loss, img/s, clip fraction, LR, ETA) to the run's Prefect log."""
     import_tensorflow()  # quietly, also when a Prefect worker (not the CLI) runs the flow
     from pipeline.train import loop
 
-    with _training_progress(Path(model_dir), config.train.steps, progress_id):
-        return Path(loop.run_training(config, Path(tiles_dir), Path(model_dir)))
+    logger = get_run_logger()
+    model_dir = Path(model_dir)
+    on_step = None
+    if progress_id is not None:
+        start, span = _PROGRESS["dataset"], _PROGRESS["trained"] - _PROGRESS["dataset"]
+        total = max(config.train.steps, 1)
+
+        def on_step(step: int) -> None:
+            update_progress_artifact(progress_id, start + span * min(step / total, 1.0))
+
+    with (run_folder_lock(model_dir.parent, logger), pipeline_logs_to_run(),
+          follow_training(model_dir, config.train.steps, logger, on_step)):
+        return Path(loop.run_training(config, Path(tiles_dir), model_dir))
 
 
 @task(
@@ -123,28 +189,90 @@ def train(config: Config, tiles_dir: Path, model_dir: Path, progress_id: Any = N
     persist_result=True,
 )
 def evaluate(config: Config, model_dir: Path, tiles_dir: Path, out_dir: Path) -> Path:
-    """Score the exported model per tile and per scene (metrics.json, report.md, pr_curve.png)."""
+    """Score the exported model per tile and per scene (metrics.json, report.md, pr_curve.png).
+
+    Holds the run folder (out_dir's parent) while it writes."""
     import_tensorflow()  # quietly, also when a Prefect worker (not the CLI) runs the flow
     from pipeline.evaluate import run
 
-    return Path(run.run_evaluation(config, Path(model_dir), Path(tiles_dir), Path(out_dir)))
+    with run_folder_lock(Path(out_dir).parent, get_run_logger()), pipeline_logs_to_run():
+        return Path(run.run_evaluation(config, Path(model_dir), Path(tiles_dir), Path(out_dir)))
 
 
 # ------------------------------------------------------------------------------------------------ flow
-@flow(name="satdet-train")
-def train_pipeline(config_path: str, overrides: list[str] | None = None, force: bool = False) -> dict[str, Any]:
+class RunTimeout(TimeoutError):
+    """The run went past its time limit (a TimeoutError: Prefect marks the run TimedOut)."""
+
+
+def add_scenes(config: Config, scenes: list[str | dict[str, Any]] | None) -> Config:
+    """`config` with `scenes` appended to tiling.scenes (the payload of an imagery event).
+
+    Each item is an image path or a mapping {image, labels, split}; relative paths are taken from the
+    working directory (where the run executes: /work in the container). A scene whose image the config
+    already lists is not added again (its new content is picked up by the cache keys anyway).
+    """
+    if not scenes:
+        return config
+
+    def fix(value: Any) -> Any:
+        if value is None or "://" in str(value) or str(value).startswith("/vsi"):
+            return value
+        return str(Path(os.path.expanduser(str(value))).resolve())
+
+    data = config.model_dump(mode="json")
+    listed = {fix(s["image"]) for s in data["tiling"]["scenes"]}
+    for item in scenes:
+        spec = {"image": item} if isinstance(item, str) else dict(item)
+        if "image" not in spec:
+            raise SatdetError(f"scenes: {item!r} has no image; give a path or a mapping with image (and labels)")
+        spec.update({k: fix(spec[k]) for k in ("image", "labels") if spec.get(k) is not None})
+        if spec["image"] not in listed:
+            data["tiling"]["scenes"].append(spec)
+            listed.add(spec["image"])
+    return config_from_dict(data, "scenes")
+
+
+def run_timeout_s(config: Config, timeout_minutes: float | None) -> float | None:
+    """The run's time limit in seconds: `timeout_minutes` when given (0 = none); otherwise, with
+    `train.time_budget_minutes` set, twice the budget plus an hour (tiling and evaluation come on top of
+    the budgeted training); otherwise none."""
+    if timeout_minutes is not None:
+        return timeout_minutes * 60 if timeout_minutes > 0 else None
+    budget = config.train.time_budget_minutes
+    return (2 * budget + 60) * 60 if budget else None
+
+
+@flow(name="satdet-train", on_failure=[on_run_failure], on_crashed=[on_run_failure])
+def train_pipeline(
+    config_path: str,
+    overrides: list[str] | None = None,
+    force: bool = False,
+    scenes: list[str | dict[str, Any]] | None = None,
+    timeout_minutes: float | None = None,
+) -> dict[str, Any]:
     """Tile → dataset check → train → evaluate for one config; returns paths and the headline metrics.
 
     Args:
         config_path: YAML config (scene paths are relative to its folder, runs_dir to the working dir).
         overrides: `section.key=value` overrides applied on top of the file.
         force: re-run every stage even when a cached result matches.
+        scenes: extra scenes appended to tiling.scenes: image paths or {image, labels, split} mappings
+            (relative paths from the working directory). Filled from the event by `retrain-on-imagery`.
+        timeout_minutes: fail the run (state TimedOut) after this long holding the run folder; 0 = no
+            limit; default: 2 × train.time_budget_minutes + 60 when a budget is set, else no limit.
     """
     logger = get_run_logger()
-    config = load_config(config_path, overrides or [])
+    config = add_scenes(load_config(config_path, overrides or []), scenes)
     if not config.tiling.scenes:
         raise SatdetError(f"{config_path}: tiling.scenes is empty; list at least one scene (image + labels)")
     run_dir = config.run_dir.resolve()
+    limit_s = run_timeout_s(config, timeout_minutes)
+    # Overlapping runs of this folder wait here; the time limit starts once the folder is ours.
+    with run_folder_lock(run_dir, logger), timeout(limit_s, timeout_exc_type=RunTimeout), pipeline_logs_to_run():
+        return _train_pipeline(config, run_dir, force, logger)
+
+
+def _train_pipeline(config: Config, run_dir: Path, force: bool, logger: Any) -> dict[str, Any]:
     tiles_dir, model_dir, eval_dir = run_dir / "tiles", run_dir / "model", run_dir / "eval"
     # The tiler keeps its plan in the work folder, so each tiling configuration gets its own folder.
     work_dir = run_dir / "work" / f"tiling-{config_digest(config, ['tiling'])}"
@@ -160,10 +288,10 @@ def train_pipeline(config_path: str, overrides: list[str] | None = None, force: 
         return t.with_options(refresh_cache=True) if force or not all(o.exists() for o in outputs) else t
 
     tiles_done = tiles_dir / "manifest.jsonl"
-    scene_futures = fresh(tile_scene, work_dir, tiles_done).map(
-        unmapped(config), list(range(len(config.tiling.scenes))), unmapped(work_dir)
-    )
-    scene_outputs = [f.result() for f in scene_futures]
+    plan_tiling(config, work_dir, force=force)  # once, before the scene tasks (they all read it)
+    n_scenes = len(config.tiling.scenes)
+    workers = max(1, min(config.tiling.workers or os.cpu_count() or 1, n_scenes))
+    scene_outputs = _bounded_map(fresh(tile_scene, work_dir, tiles_done), config, n_scenes, work_dir, workers)
     tiles = fresh(finalize_tiling, tiles_done)(config, scene_outputs, tiles_dir)
     _prune_siblings(work_dir)
     update_progress_artifact(progress_id, _PROGRESS["tiled"])
@@ -172,7 +300,7 @@ def train_pipeline(config_path: str, overrides: list[str] | None = None, force: 
     update_progress_artifact(progress_id, _PROGRESS["dataset"])
 
     # Called, not submitted: a direct call runs in this (the main) thread, which TensorFlow and the GPU
-    # want, and Prefect timeouts could not interrupt a worker thread anyway.
+    # want, and the flow's time limit can interrupt it there.
     model = fresh(train, model_dir / "export")(config, tiles, model_dir, progress_id)
     update_progress_artifact(progress_id, _PROGRESS["trained"])
 
@@ -196,34 +324,15 @@ def train_pipeline(config_path: str, overrides: list[str] | None = None, force: 
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-@contextlib.contextmanager
-def _training_progress(model_dir: Path, total_steps: int, progress_id: Any, every_s: float = 5.0) -> Iterator[None]:
-    """Move the flow's progress artifact while training runs, by following model_dir/train_log.jsonl
-    (the trainer appends one complete JSON line per logged step)."""
-    if progress_id is None:
-        yield
-        return
-    stop = threading.Event()
-    start, span = _PROGRESS["dataset"], _PROGRESS["trained"] - _PROGRESS["dataset"]
-    log = model_dir / "train_log.jsonl"
-
-    def follow() -> None:
-        last = -1
-        while not stop.wait(every_s):
-            step = _last_step(log)
-            if step is not None and step != last:
-                last = step
-                with contextlib.suppress(Exception):  # progress is cosmetic: never fail training over it
-                    update_progress_artifact(progress_id, start + span * min(step / max(total_steps, 1), 1.0))
-
-    # Copy the context so the thread talks to the same Prefect API (ephemeral server or test harness).
-    thread = threading.Thread(target=contextvars.copy_context().run, args=(follow,), daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=10)
+def _bounded_map(task_: Any, config: Config, n: int, work_dir: Path, limit: int) -> list[Path]:
+    """Submit task_(config, i, work_dir) for i < n with at most `limit` runs in flight (tiling.workers):
+    scene i + limit is submitted once scene i is done. Results in scene order; the first failure raises."""
+    futures: list[Any] = []
+    for i in range(n):
+        if i >= limit:
+            futures[i - limit].result()  # wait for a free slot (raises if that scene failed)
+        futures.append(task_.submit(config, i, work_dir))
+    return [f.result() for f in futures]
 
 
 def _prune_siblings(work_dir: Path) -> None:
@@ -231,15 +340,3 @@ def _prune_siblings(work_dir: Path) -> None:
     for other in work_dir.parent.glob("tiling-*"):
         if other != work_dir and other.is_dir():
             shutil.rmtree(other, ignore_errors=True)
-
-
-def _last_step(log: Path) -> int | None:
-    """Step of the last complete line of the training log (None before the first one)."""
-    try:
-        with log.open("rb") as fh:
-            fh.seek(0, 2)
-            fh.seek(max(fh.tell() - 4096, 0))
-            lines = [ln for ln in fh.read().splitlines() if ln.strip()]
-        return int(json.loads(lines[-1])["step"]) if lines else None
-    except (OSError, ValueError, KeyError):
-        return None

@@ -1,9 +1,13 @@
-"""Helpers shared by the flow tests: a tiny config and a config writer."""
+"""Helpers shared by the flow tests: a tiny config, a config writer, and stand-ins for the training and
+evaluation stages (their own tests live in tests/train and tests/evaluate)."""
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from pathlib import Path
 
+import pytest
 import yaml
 
 CLASSES = ["crown", "roof"]
@@ -57,3 +61,34 @@ def tiny_config(runs_dir: Path, scenes: list[dict[str, str]], name: str = "flowt
 def write_config(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, module, name: str, calls: Counter, impl=None) -> None:
+    """Replace module.name by a wrapper that counts calls (and runs `impl` or the original)."""
+    target = impl or getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        calls[name] += 1
+        return target(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+
+
+def fake_training(config, tiles_dir, model_dir, resume=False):
+    """Stand-in for run_training: the files the flow and the evaluation stage look at."""
+    model_dir = Path(model_dir)
+    (model_dir / "export").mkdir(parents=True, exist_ok=True)
+    (model_dir / "export" / "model_info.json").write_text(json.dumps({"classes": list(config.classes)}))
+    (model_dir / "train_log.jsonl").write_text(json.dumps({"step": config.train.steps, "loss": 1.0}) + "\n")
+    (model_dir / "train_summary.json").write_text(json.dumps({"steps": config.train.steps}))
+    return model_dir
+
+
+def fake_evaluation(config, model_dir, tiles_dir, out_dir):
+    """Stand-in for run_evaluation: a metrics.json in the documented shape."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_class = {c: {"AP": 0.25, "AP50": 0.5, "AP75": 0.2, "n_gt": 3, "n_det": 4} for c in config.classes}
+    level = {"AP": 0.25, "AP50": 0.5, "AP75": 0.2, "per_class": per_class}
+    (out_dir / "metrics.json").write_text(json.dumps({"scene": level, "tile": level}))
+    return out_dir

@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 from flowkit import CLASSES, tiny_config, write_config
+from flowkit import count_calls as _count
+from flowkit import fake_evaluation as _fake_evaluation
+from flowkit import fake_training as _fake_training
 
 import pipeline.data.dataset as dataset_stage
 import pipeline.evaluate.run as eval_stage
@@ -24,37 +27,6 @@ from flows.reporting import per_class_rows
 from pipeline.errors import SatdetError
 
 STAGES = ("tile_scene", "finalize_tiling", "run_dataset_check", "run_training", "run_evaluation")
-
-
-def _count(monkeypatch: pytest.MonkeyPatch, module, name: str, calls: Counter, impl=None) -> None:
-    """Replace module.name by a wrapper that counts calls (and runs `impl` or the original)."""
-    target = impl or getattr(module, name)
-
-    def wrapper(*args, **kwargs):
-        calls[name] += 1
-        return target(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, wrapper)
-
-
-def _fake_training(config, tiles_dir, model_dir, resume=False):
-    """Stand-in for run_training: the files the flow and the evaluation stage look at."""
-    model_dir = Path(model_dir)
-    (model_dir / "export").mkdir(parents=True, exist_ok=True)
-    (model_dir / "export" / "model_info.json").write_text(json.dumps({"classes": list(config.classes)}))
-    (model_dir / "train_log.jsonl").write_text(json.dumps({"step": config.train.steps, "loss": 1.0}) + "\n")
-    (model_dir / "train_summary.json").write_text(json.dumps({"steps": config.train.steps}))
-    return model_dir
-
-
-def _fake_evaluation(config, model_dir, tiles_dir, out_dir):
-    """Stand-in for run_evaluation: a metrics.json in the documented shape."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    per_class = {c: {"AP": 0.25, "AP50": 0.5, "AP75": 0.2, "n_gt": 3, "n_det": 4} for c in config.classes}
-    level = {"AP": 0.25, "AP50": 0.5, "AP75": 0.2, "per_class": per_class}
-    (out_dir / "metrics.json").write_text(json.dumps({"scene": level, "tile": level}))
-    return out_dir
 
 
 @pytest.fixture
