@@ -193,6 +193,7 @@ class SceneAdapter:
         if self._bn_fn is None:
             for layer in self._bn:
                 layer.momentum = 0.0  # moving statistics := this batch's statistics
+                layer.trainable = True  # frozen (pretrained) BN runs in inference mode; AdaBN adapts it too
 
             def batch_stats(x: tf.Tensor) -> list[tf.Tensor]:
                 self.model.backbone(x, training=True)

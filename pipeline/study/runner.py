@@ -49,7 +49,7 @@ def train_run(config: Config, tiles_dir: Path, model_dir: Path) -> dict[str, Any
     from pipeline.train.validation import make_predict_fn, validation_ap50
 
     stats = load_stats(tiles_dir)
-    model, strategy, exempt = build_for_training(config, int(stats["channels"]))
+    model, strategy, exempt = build_for_training(config, int(stats["channels"]), stats=stats)
     summary = fit(
         model,
         lambda start: build_dataset(tiles_dir, "train", config, training=True, start_batch=start),

@@ -526,7 +526,8 @@ def _evaluate(
     return bool(patience) and int(state.evals_since_best.numpy()) >= patience
 
 
-def build_for_training(config: Config, channels: int) -> tuple[keras.Model, tf.distribute.Strategy, list[str]]:
+def build_for_training(config: Config, channels: int, stats: dict[str, Any] | None = None
+                       ) -> tuple[keras.Model, tf.distribute.Strategy, list[str]]:
     """Seed, pick the distribution strategy and build the detector in its scope; returns (model, strategy,
     paths of the variables AGC leaves unclipped). With `train.jit_compile`, 'auto' kernels resolve to the
     XLA-compatible ones (padded NMS, gather ROIAlign) even on a CPU."""
@@ -540,7 +541,7 @@ def build_for_training(config: Config, channels: int) -> tuple[keras.Model, tf.d
             k: v for k, v in {"nms_impl": "padded", "roi_align_impl": "gather"}.items() if getattr(model_cfg, k) == "auto"
         })
     with strategy.scope():
-        model = build_detector(model_cfg, len(config.classes), channels)
+        model = build_detector(model_cfg, len(config.classes), channels, stats=stats)
     exempt = [str(getattr(v, "path", v.name)) for v in _agc_exempt_variables(model)]
     return model, strategy, exempt
 
@@ -556,7 +557,7 @@ def run_training(config: Config, tiles_dir: Path, model_dir: Path, resume: bool 
 
     tiles_dir, model_dir = Path(tiles_dir), Path(model_dir)
     stats = load_stats(tiles_dir)
-    model, strategy, exempt = build_for_training(config, int(stats["channels"]))
+    model, strategy, exempt = build_for_training(config, int(stats["channels"]), stats=stats)
     evaluate_fn = None
     if tile_count(tiles_dir, "val") > 0:
         val = build_dataset(tiles_dir, "val", config, training=False)
