@@ -4,7 +4,11 @@ Serving needs a real Prefect API (`prefect server start` or the compose stack, w
 the ephemeral local API runs flows but has no scheduler. The schedule keeps running when the serving
 process stops (`pause_on_shutdown=False`), so a restarted container does not silently stop retraining.
 Runs with unchanged inputs are served from the stage cache, so a weekly schedule only retrains when the
-imagery, labels or config changed.
+imagery, labels, config or code changed.
+
+One run at a time: the deployment has a concurrency limit of 1 (runs that fall due while one is still
+going wait in AwaitingConcurrencySlot, then run) and the serving process runs at most one flow run at
+once (`serve(limit=1)`); the run folder's own lock (flows/locking.py) covers runs started elsewhere.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 
 import yaml
 from prefect import serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.schedules import Cron
 from prefect.types.entrypoint import EntrypointType
 
@@ -21,6 +26,10 @@ from flows.reporting import slug
 from flows.training import train_pipeline
 from pipeline.config import Config
 from pipeline.errors import SatdetError
+
+# Runs of one deployment at once, and what happens to a run that falls due meanwhile: it queues.
+CONCURRENCY = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
+SERVE_LIMIT = 1  # flow runs the serving process executes at once
 
 
 def deployment_name(config: Config, name: str | None = None) -> str:
@@ -52,6 +61,7 @@ def build_deployment(
         },
         description=f"Retrain satdet run {config.name!r} on a schedule ({cron}, {timezone}).",
         tags=["satdet", "retrain"],
+        concurrency_limit=CONCURRENCY,
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
 
@@ -75,6 +85,9 @@ def describe_deployment(
             "schedules": [{"cron": cron, "timezone": timezone}],
             "parameters": dep.parameters,
             "tags": dep.tags,
+            "concurrency_limit": dep.concurrency_limit,
+            "collision_strategy": dep.concurrency_options.collision_strategy.value,
+            "serve_limit": SERVE_LIMIT,
             "pause_on_shutdown": False,
         },
         sort_keys=False,
@@ -90,4 +103,5 @@ def serve_training(
     overrides: list[str] | None = None,
 ) -> None:
     """Create the deployment and serve it until interrupted (the schedule stays active afterwards)."""
-    serve(build_deployment(config_path, config, cron, name, timezone, overrides), pause_on_shutdown=False)
+    serve(build_deployment(config_path, config, cron, name, timezone, overrides), pause_on_shutdown=False,
+          limit=SERVE_LIMIT)

@@ -1,12 +1,19 @@
-"""Cache keys follow file content (size + mtime), config sections and code version — not path strings."""
+"""Cache keys follow file content (size + mtime), config sections and the code a stage runs — not path
+strings, not the package version."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from flows.caching import fingerprint, stage_key
+import pytest
+
+import pipeline
+from flows import caching
+from flows.caching import fingerprint, module_closure, stage_code, stage_key
 from pipeline.config import Config
+
+PIPELINE_DIR = Path(pipeline.__file__).resolve().parent
 
 
 def _touch_later(path: Path, seconds: int = 5) -> None:
@@ -48,3 +55,62 @@ def test_folder_fingerprint_ignores_dataset_json_and_hidden_temp_files(tmp_path)
 def test_remote_and_missing_inputs_have_stable_fingerprints(tmp_path):
     assert fingerprint("s3://bucket/scene.tif") == ["s3://bucket/scene.tif"]
     assert fingerprint(tmp_path / "nope.tif") == [str(tmp_path / "nope.tif"), "missing"]
+
+
+# ------------------------------------------------------------------------------------------------ code
+@pytest.fixture
+def upgraded(monkeypatch: pytest.MonkeyPatch):
+    """Pretend the installed source of some modules changed (as after `pip install` of new code)."""
+    changed: set[str] = set()
+    real = caching._read_source
+
+    def read(path: Path) -> bytes:
+        rel = path.relative_to(PIPELINE_DIR).as_posix() if path.is_relative_to(PIPELINE_DIR) else str(path)
+        return real(path) + (b"\n# upgraded\n" if rel in changed else b"")
+
+    monkeypatch.setattr(caching, "_read_source", read)
+    caching.code_fingerprint.cache_clear()
+    yield changed
+    caching.code_fingerprint.cache_clear()
+
+
+def test_stage_closures_follow_imports_including_ones_inside_functions():
+    closure = {st: set(module_closure(mods, PIPELINE_DIR)) for st, mods in caching.STAGE_MODULES.items()}
+    assert {"pipeline.geo.tiling", "pipeline.geo.plan", "pipeline.config", "pipeline"} <= closure["tile-scene"]
+    assert "pipeline.train.loop" not in closure["tile-scene"]
+    assert {"pipeline.train.loop", "pipeline.model.detector", "pipeline.train.clipping"} <= closure["train"]
+    assert "pipeline.geo.tiling" not in closure["train"]
+    assert {"pipeline.predict.scene", "pipeline.evaluate.metrics"} <= closure["evaluate"]
+
+
+def test_closure_of_a_synthetic_package(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("import os\nfrom pkg.sub import b\n\ndef f():\n    from .c import g\n    return g\n")
+    (pkg / "sub" / "b.py").write_text("from ..d import VALUE\n")
+    (pkg / "c.py").write_text("def g():\n    return 1\n")
+    (pkg / "d.py").write_text("VALUE = 1\n")
+    (pkg / "unrelated.py").write_text("")
+    assert sorted(module_closure(["pkg.a"], pkg, package="pkg")) == [
+        "pkg", "pkg.a", "pkg.c", "pkg.d", "pkg.sub", "pkg.sub.b"]
+
+
+def test_a_code_upgrade_changes_the_keys_of_the_stages_that_run_it_only(tmp_path, upgraded):
+    cfg = Config()
+    before = {st: stage_key(st, cfg, ["train"], {}, tmp_path) for st in caching.STAGE_MODULES}
+    upgraded.add("train/loop.py")
+    caching.code_fingerprint.cache_clear()
+    after = {st: stage_key(st, cfg, ["train"], {}, tmp_path) for st in caching.STAGE_MODULES}
+    assert {st for st in before if before[st] != after[st]} == {"train"}
+    upgraded.add("__init__.py")  # the package itself: every stage imports it
+    caching.code_fingerprint.cache_clear()
+    assert all(stage_key(st, cfg, ["train"], {}, tmp_path) != after[st] for st in caching.STAGE_MODULES)
+
+
+def test_the_task_function_source_is_part_of_the_code_key():
+    from flows.training import evaluate, train
+
+    assert stage_code("train", train) != stage_code("train", evaluate)
+    assert stage_code("train", train) == stage_code("train", train)

@@ -28,6 +28,20 @@ def test_dry_run_prints_cron_entrypoint_and_parameters(config_file):
     assert shown["parameters"] == {"config_path": str(config_file.resolve()), "overrides": ["train.steps=50"],
                                    "force": False}
     assert shown["pause_on_shutdown"] is False
+    # one run at a time: the deployment queues runs that fall due meanwhile, the server runs one at once
+    assert (shown["concurrency_limit"], shown["collision_strategy"], shown["serve_limit"]) == (1, "ENQUEUE", 1)
+
+
+def test_served_deployment_has_a_concurrency_limit_of_one_and_serve_a_limit_of_one(config_file, monkeypatch):
+    from flows import schedule
+    from pipeline.config import load_config
+
+    served = {}
+    monkeypatch.setattr(schedule, "serve", lambda *deps, **kwargs: served.update(deps=deps, **kwargs))
+    schedule.serve_training(config_file, load_config(config_file), cron="* * * * *")
+    (dep,) = served["deps"]
+    assert dep.concurrency_limit == 1 and dep.concurrency_options.collision_strategy.value == "ENQUEUE"
+    assert served["limit"] == 1 and served["pause_on_shutdown"] is False
 
 
 def test_dry_run_entrypoint_loads_the_training_flow(config_file):

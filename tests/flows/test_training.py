@@ -211,3 +211,77 @@ def test_tensorflow_stages_import_it_quietly_first_whoever_starts_the_flow(scene
     prediction.predict_task.fn(config, tmp_path, [], tmp_path / "out", "x")
     assert order == ["quiet-import", "run_dataset_check", "quiet-import", "run_training",
                      "quiet-import", "run_evaluation", "quiet-import", "predict_scenes"]
+
+
+def test_code_upgrade_reruns_the_stages_whose_code_changed(prefect_api, scenes, tmp_path, calls, monkeypatch):
+    """Same package version, new trainer source (a `pip install` of newer code): training and, through
+    its new model, evaluation re-run; tiles and the dataset check come from the cache."""
+    from flows import caching
+
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "runs", scenes))
+    assert _run(cfg).is_completed()
+    before = Counter(calls)
+    real = caching._read_source
+    monkeypatch.setattr(caching, "_read_source",
+                        lambda path: real(path) + (b"\n# new\n" if path.as_posix().endswith("train/loop.py") else b""))
+    caching.code_fingerprint.cache_clear()
+    try:
+        assert _run(cfg).is_completed()
+    finally:
+        caching.code_fingerprint.cache_clear()
+    assert _delta(before, calls) == {"tile_scene": 0, "finalize_tiling": 0, "run_dataset_check": 0,
+                                     "run_training": 1, "run_evaluation": 1}
+
+
+def test_scenes_are_planned_once_and_tiled_at_most_tiling_workers_at_a_time(prefect_api, scenes, tmp_path, calls,
+                                                                            monkeypatch):
+    import threading
+    import time
+
+    plans: Counter = Counter()
+    real_plan = tiling_stage.plan_tiling
+    monkeypatch.setattr(tiling_stage, "plan_tiling", lambda config: plans.update(["plan"]) or real_plan(config))
+    busy = {"now": 0, "most": 0}
+    guard = threading.Lock()
+    real_tile = tiling_stage.tile_scene  # the counting wrapper
+
+    def slow_tile(*args, **kwargs):
+        with guard:
+            busy["now"] += 1
+            busy["most"] = max(busy["most"], busy["now"])
+        try:
+            time.sleep(1.0)
+            return real_tile(*args, **kwargs)
+        finally:
+            with guard:
+                busy["now"] -= 1
+
+    monkeypatch.setattr(tiling_stage, "tile_scene", slow_tile)
+    data = tiny_config(tmp_path / "runs", scenes)
+    data["tiling"]["workers"] = 2
+    cfg = write_config(tmp_path / "c.yaml", data)
+    assert _run(cfg).is_completed()
+    assert plans["plan"] == 1  # by plan-tiling, before the scene tasks; none of them planned again
+    assert calls["tile_scene"] == 3
+    assert busy["most"] == 2  # three scenes, two at a time
+
+
+def test_plan_is_redone_when_a_scene_file_is_replaced(tmp_path, monkeypatch):
+    from pipeline.config import config_from_dict
+    from pipeline.geo.synth import make_scene
+
+    made = [make_scene(tmp_path, f"s{i}", width=96, height=96, seed=i, n_objects=2, classes=CLASSES) for i in range(2)]
+    data = tiny_config(tmp_path / "runs", [{"image": str(s.image), "labels": str(s.labels)} for s in made])
+    data["tiling"]["split"] = {"method": "scene"}
+    config = config_from_dict(data)
+    plans: Counter = Counter()
+    real_plan = tiling_stage.plan_tiling
+    monkeypatch.setattr(tiling_stage, "plan_tiling", lambda c: plans.update(["plan"]) or real_plan(c))
+    work = tmp_path / "work"
+    plan_file = training.plan_tiling.fn(config, work)
+    training.plan_tiling.fn(config, work)
+    assert plans["plan"] == 1
+    make_scene(tmp_path, "s1", width=160, height=128, seed=5, n_objects=2, classes=CLASSES)  # bigger, same path
+    training.plan_tiling.fn(config, work)
+    assert plans["plan"] == 2
+    assert json.loads(plan_file.read_text())["scenes"][1]["width"] == 160
