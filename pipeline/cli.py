@@ -330,13 +330,21 @@ def run_cmd(
     config: ConfigArg,
     set_: SetOpt = None,
     force: Annotated[bool, typer.Option("--force", help="Ignore cached stage results and re-run every stage.")] = False,
+    timeout_minutes: Annotated[
+        float | None,
+        typer.Option("--timeout-minutes", min=0, help="Fail the run (TimedOut) after this long; 0 = no limit. "
+                     "Default: 2 × train.time_budget_minutes + 60 when a budget is set."),
+    ] = None,
 ) -> None:
-    """Run the training pipeline as a Prefect flow: tile → dataset → train → evaluate (finished stages are cached)."""
+    """Run the training pipeline as a Prefect flow: tile → dataset → train → evaluate (finished stages are cached).
+
+    One run at a time per run folder: a second run of the same folder waits for the first."""
     load(config, set_)  # fail fast, with one line, before Prefect starts
     _prefect_env()
     from flows.training import train_pipeline
 
-    result = train_pipeline(config_path=str(config), overrides=list(set_ or []), force=force)
+    result = train_pipeline(config_path=str(config), overrides=list(set_ or []), force=force,
+                            timeout_minutes=timeout_minutes)
     ap50 = result.get("AP50")
     typer.echo(f"AP50 (scene, {result['eval_split']}): {ap50:.3f}" if ap50 is not None else "AP50: not available")
     typer.echo(f"report: {result['report']}")
@@ -390,6 +398,69 @@ def schedule_cmd(
         typer.echo(describe_deployment(config, cfg, cron=cron, name=name, timezone=timezone, overrides=set_))
         return
     serve_training(config, cfg, cron=cron, name=name, timezone=timezone, overrides=set_)
+
+
+# ------------------------------------------------------------------------------------------ work pools (issue 17)
+pool_app = typer.Typer(no_args_is_help=True, help="Prefect work pools for GPU hosts (needs PREFECT_API_URL).")
+app.add_typer(pool_app, name="pool")
+
+
+def _report_pool(name: str) -> None:
+    """Print a pool's problems; exit 1 when it would drop the GPUs."""
+    from flows.pool import check_pool
+
+    errors, warnings = check_pool(name)
+    for line in warnings:
+        typer.secho(f"warning: pool {name}: {line}", fg=typer.colors.YELLOW, err=True)
+    for line in errors:
+        typer.secho(f"error: pool {name}: {line}", fg=typer.colors.RED, err=True)
+    if errors:
+        typer.secho(f"fix: satdet pool create {name} --overwrite", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    typer.echo(f"pool {name}: ok (the job template passes container_create_kwargs: GPUs and entrypoint)")
+
+
+@pool_app.command("create")
+@friendly_errors
+def pool_create_cmd(
+    name: Annotated[str, typer.Argument(help="Work pool name (prefect.yaml uses gpu-docker).")],
+    gpus: Annotated[str, typer.Option("--gpus", help="GPUs per flow run: all, none, a count, or ids 0,1.")] = "all",
+    shm_size: Annotated[str, typer.Option("--shm-size", help="Container shared memory (tf.data workers).")] = "2g",
+    concurrency_limit: Annotated[
+        int | None, typer.Option("--concurrency-limit", min=0, help="Flow runs at once across the whole pool.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the job template of an existing pool.")]
+    = False,
+    template_out: Annotated[
+        Path | None,
+        typer.Option("--template-out", help="Write the base job template here instead of creating the pool "
+                     "(for prefect work-pool create NAME --type docker --base-job-template FILE)."),
+    ] = None,
+) -> None:
+    """Create a Docker work pool whose base job template carries container_create_kwargs (GPUs, entrypoint)
+    with satdet's GPU request as default, and auto_remove off."""
+    import json
+
+    _prefect_env()
+    from flows.pool import create_pool, docker_default_template, gpu_job_template
+
+    if template_out is not None:
+        base, source = docker_default_template()
+        template_out.write_text(json.dumps(gpu_job_template(gpus, shm_size, base), indent=2) + "\n")
+        typer.echo(f"{template_out}: Docker base job template (from {source}) with container_create_kwargs")
+        return
+    pool, source = create_pool(name, gpus=gpus, shm_size=shm_size, overwrite=overwrite,
+                               concurrency_limit=concurrency_limit)
+    typer.echo(f"work pool {pool.name} ({pool.type}): template from {source} + container_create_kwargs")
+    _report_pool(name)
+
+
+@pool_app.command("check")
+@friendly_errors
+def pool_check_cmd(name: Annotated[str, typer.Argument(help="Work pool name.")]) -> None:
+    """Fail (exit 1) when the pool's job template would drop container_create_kwargs (the GPUs)."""
+    _prefect_env()
+    _report_pool(name)
 
 
 # ------------------------------------------------------------------------------------ experiments (issue 9)
@@ -465,10 +536,19 @@ def experiment_clipping_cmd(
 @app.command("doctor")
 def doctor_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the probe results as JSON.")] = False,
+    pool: Annotated[
+        str | None,
+        typer.Option("--pool", help="Check this Prefect work pool's job template instead (exit 1 if it would "
+                     "drop the GPUs); needs PREFECT_API_URL."),
+    ] = None,
 ) -> None:
     """Check the environment: TensorFlow, visible GPUs, CUDA/cuDNN build, rasterio/GDAL, Prefect."""
     import json
 
+    if pool is not None:
+        _prefect_env()
+        _report_pool(pool)
+        return
     from pipeline.doctor import collect, format_report
 
     info = collect()
