@@ -4,7 +4,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean image image-cpu container-test
+
+# Container images (docs/container.md). Tags: $(IMAGE):<git revision>[-dirty][-cpu] and $(IMAGE):<version>[-cpu].
+# PYTHON_IMAGE=<base> overrides the Dockerfile's base (e.g. satdet-base:bookworm from docker/debian-base.sh);
+# PIP_CA=<CA bundle> and PIP_CONF=<pip.conf> are passed as build secrets, never baked in.
+IMAGE ?= satdet
+DOCKER ?= $(shell docker/buildkit-docker.sh 2>/dev/null || echo docker)
+REV = $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)$(shell git diff --quiet HEAD -- 2>/dev/null || echo -dirty)
+VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+BUILD = DOCKER_BUILDKIT=1 $(DOCKER) build $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) \
+	$(if $(PIP_CA),--secret id=pip_ca$(,)src=$(PIP_CA)) $(if $(PIP_CONF),--secret id=pip_conf$(,)src=$(PIP_CONF)) \
+	--build-arg VCS_REF=$(REV) --build-arg SATDET_VERSION=$(VERSION) $(DOCKER_BUILD_ARGS)
+, := ,
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=... to another 3.11+ interpreter)"; exit 1; }
@@ -29,3 +41,13 @@ lint: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+image:
+	$(BUILD) --build-arg VARIANT=gpu -t $(IMAGE):$(REV) -t $(IMAGE):$(VERSION) .
+
+image-cpu:
+	$(BUILD) --build-arg VARIANT=cpu -t $(IMAGE):$(REV)-cpu -t $(IMAGE):$(VERSION)-cpu .
+
+# Builds a Debian base and the CPU image, runs doctor, a 4-step demo flow and predict in it (docker/container-test.sh).
+container-test:
+	docker/container-test.sh
