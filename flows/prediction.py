@@ -1,13 +1,16 @@
 """Prediction as a Prefect flow: scenes through an exported model, written as detection files.
 
 Tasks run one after another on the flow's main thread (the model and GPU memory live there); each is
-retried on transient IO errors and cached on the content of the model, the scenes and the `predict:`
-settings. With an output folder every scene is its own task, so re-running over a folder of imagery
-only predicts what is new or changed.
+retried on transient IO errors and cached on the content of the model, the scenes, the `predict:`
+settings and the prediction code. With an output folder every scene is its own task, so re-running over
+a folder of imagery only predicts what is new or changed; the SavedModel is loaded once per process (at
+the first scene that is not served from cache), not once per scene task.
 """
 
 from __future__ import annotations
 
+import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,7 @@ from prefect.artifacts import create_table_artifact
 from prefect.tasks import exponential_backoff
 
 from flows.alerts import on_run_failure
-from flows.caching import key_fn
+from flows.caching import fingerprint, key_fn
 from flows.training import _transient
 from pipeline.config import Config, PredictConfig
 from pipeline.errors import SatdetError
@@ -39,7 +42,44 @@ def predict_task(config: Config, export_dir: Path, scenes: list[Path], out: Path
     import_tensorflow()  # quietly, also when a Prefect worker (not the CLI) runs the flow
     from pipeline.predict import scene as scene_stage
 
-    return [Path(p) for p in scene_stage.predict_scenes(Path(export_dir), list(scenes), Path(out), config.predict)]
+    out = Path(out)
+    if out.suffix.lower() in _FILE_SUFFIXES or len(scenes) != 1:  # one file for all: one task, one load
+        return [Path(p) for p in scene_stage.predict_scenes(Path(export_dir), list(scenes), out, config.predict)]
+    return [predict_one(config, Path(export_dir), scenes[0], out)]
+
+
+# One loaded model per process (a Prefect worker's flow run, or a Dask worker): scene tasks share it.
+_LOADED: dict[str, Any] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+def loaded_detector(export_dir: Path, cfg: PredictConfig) -> Any:
+    """The detector for `export_dir` under `cfg`, loaded at the first call and kept for the next ones
+    (reloaded when the export's files or the predict settings change)."""
+    from pipeline.predict.adapt import load_for_predict
+
+    key = json.dumps([str(export_dir), fingerprint(export_dir), cfg.model_dump(mode="json")], default=str)
+    with _LOAD_LOCK:
+        if _LOADED.get("key") != key:
+            _LOADED.clear()  # at most one model in memory
+            _LOADED.update(key=key, detector=load_for_predict(export_dir, cfg))
+        return _LOADED["detector"]
+
+
+def predict_one(config: Config, export_dir: Path, scene: Path, out_dir: Path) -> Path:
+    """One scene with the shared detector, written as out_dir/<scene>.<geojson|gpkg> (what
+    pipeline.predict.scene.predict_scenes writes per scene into a folder)."""
+    from pipeline.predict import scene as scene_stage
+    from pipeline.predict.adapt import scene_detector
+    from pipeline.predict.export import write_detections
+
+    cfg = config.predict
+    if "://" not in str(scene) and not str(scene).startswith("/vsi") and not Path(scene).exists():
+        raise SatdetError(f"{scene}: scene file not found")
+    detector = scene_detector(loaded_detector(export_dir, cfg), scene, cfg)
+    result = scene_stage.predict_region(detector, scene, cfg)
+    fmt = "gpkg" if cfg.format == "gpkg" else "geojson"
+    return Path(write_detections([result], Path(out_dir) / f"{result.scene}.{fmt}", fmt))
 
 
 _FILE_SUFFIXES = (".geojson", ".json", ".gpkg")

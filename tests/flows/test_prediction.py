@@ -1,14 +1,19 @@
-"""The prediction flow: one cached task per scene for an output folder, one task for an output file."""
+"""The prediction flow: one cached task per scene for an output folder (the model loaded once), one task
+for an output file."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
 
+import pipeline.predict.adapt as adapt_stage
+import pipeline.predict.export as export_stage
 import pipeline.predict.scene as scene_stage
 from flows.prediction import predict_scenes
 from pipeline.cli import app
@@ -34,9 +39,42 @@ def rasters(tmp_path: Path) -> list[Path]:
 
 
 @pytest.fixture
-def calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """Replace the prediction stage by a fake that records the scenes of each call and writes files."""
+def loads(monkeypatch: pytest.MonkeyPatch) -> Counter:
+    """Count model loads (the shared detector of the flow's process starts empty)."""
+    from flows import prediction
+
+    counter: Counter = Counter()
+    prediction._LOADED.clear()
+
+    def load(export_dir, cfg):
+        assert (Path(export_dir) / "model_info.json").exists()
+        counter["load"] += 1
+        return SimpleNamespace(info={"classes": ["tree"]})
+
+    monkeypatch.setattr(adapt_stage, "load_for_predict", load)
+    monkeypatch.setattr(adapt_stage, "scene_detector", lambda base, scene, cfg: base)
+    yield counter
+    prediction._LOADED.clear()
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch, loads) -> list[list[str]]:
+    """Replace the prediction stage by fakes that record the scenes of each call and write files: the
+    whole-run stage (an output file) and the per-scene pieces (an output folder)."""
     seen: list[list[str]] = []
+
+    def region(detector, scene, cfg, **kwargs):
+        seen.append([Path(scene).name])
+        return SimpleNamespace(scene=Path(scene).stem, cfg=cfg)
+
+    def write(results, out, fmt="geojson"):
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"score_threshold": results[0].cfg.score_threshold}))
+        return out
+
+    monkeypatch.setattr(scene_stage, "predict_region", region)
+    monkeypatch.setattr(export_stage, "write_detections", write)
 
     def fake(export_dir, scenes, out, cfg, **kwargs):
         assert (Path(export_dir) / "model_info.json").exists()
@@ -59,11 +97,12 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
 
 
 def test_output_folder_predicts_each_scene_once_and_only_changed_scenes_again(prefect_api, model_dir, rasters,
-                                                                               tmp_path, calls):
+                                                                               tmp_path, calls, loads):
     out = tmp_path / "pred"
     written = predict_scenes(str(model_dir), [str(p) for p in rasters], str(out), predict={"score_threshold": 0.4})
     assert sorted(Path(w).name for w in written) == ["a.geojson", "b.geojson"]
     assert sorted(calls) == [["a.tif"], ["b.tif"]]
+    assert loads["load"] == 1  # one SavedModel load for both scene tasks
     assert json.loads((out / "a.geojson").read_text()) == {"score_threshold": 0.4}
 
     predict_scenes(str(model_dir), [str(p) for p in rasters], str(out), predict={"score_threshold": 0.4})
