@@ -24,7 +24,6 @@ import contextlib
 import contextvars
 import hashlib
 import json
-import logging
 import os
 import socket
 import time
@@ -46,8 +45,6 @@ POLL_SECONDS = 2.0
 
 # Run folders this context (flow run → the tasks it calls) already holds.
 _HELD: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar("satdet_run_locks", default=frozenset())
-
-_log = logging.getLogger(__name__)
 
 
 def limit_name(run_dir: str | Path) -> str:
@@ -84,12 +81,9 @@ def _run_ids() -> dict[str, str]:
 def _logger(logger: Any) -> Any:
     if logger is not None:
         return logger
-    try:
-        from prefect.logging import get_run_logger
+    from flows.runlog import run_logger
 
-        return get_run_logger()
-    except Exception:  # noqa: BLE001 - outside a run context
-        return _log
+    return run_logger()
 
 
 # ------------------------------------------------------------------------------------------------ file lock

@@ -22,6 +22,18 @@ from typing import Any
 PIPELINE_LOGGER = "pipeline"
 
 
+def run_logger() -> Any:
+    """The current Prefect run's logger, or a plain `flows` logger outside a run (a task's .fn called
+    directly, e.g. in tests)."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("flows")
+
+
 # ------------------------------------------------------------------------------------------------ pipeline.*
 class _RunHandler(logging.Handler):
     """Sends `pipeline.*` records to the Prefect API as logs of one flow run, from any thread of the

@@ -34,7 +34,7 @@ from flows.alerts import on_run_failure
 from flows.caching import config_digest, fingerprint, key_fn, stage_code, stage_key
 from flows.locking import run_folder_lock
 from flows.reporting import publish_artifacts, slug
-from flows.runlog import follow_training, pipeline_logs_to_run
+from flows.runlog import follow_training, pipeline_logs_to_run, run_logger
 from pipeline.config import Config, ConfigError, config_from_dict, load_config, save_config
 from pipeline.errors import SatdetError
 from pipeline.files import atomic_write_json, atomic_write_text
@@ -163,7 +163,7 @@ def train(config: Config, tiles_dir: Path, model_dir: Path, progress_id: Any = N
     import_tensorflow()  # quietly, also when a Prefect worker (not the CLI) runs the flow
     from pipeline.train import loop
 
-    logger = get_run_logger()
+    logger = run_logger()
     model_dir = Path(model_dir)
     on_step = None
     if progress_id is not None:
@@ -195,7 +195,7 @@ def evaluate(config: Config, model_dir: Path, tiles_dir: Path, out_dir: Path) ->
     import_tensorflow()  # quietly, also when a Prefect worker (not the CLI) runs the flow
     from pipeline.evaluate import run
 
-    with run_folder_lock(Path(out_dir).parent, get_run_logger()), pipeline_logs_to_run():
+    with run_folder_lock(Path(out_dir).parent, run_logger()), pipeline_logs_to_run():
         return Path(run.run_evaluation(config, Path(model_dir), Path(tiles_dir), Path(out_dir)))
 
 
