@@ -31,18 +31,20 @@ CCK_SCHEMA = {
 
 
 def gpu_request(gpus: str = "all") -> list[dict[str, Any]]:
-    """docker-py device_requests for `gpus`: 'all', a count ('2') or device ids ('0,1'); 'none' = []."""
-    gpus = str(gpus).strip().lower()
-    if gpus == "none":
+    """docker-py device_requests for `gpus`, as `docker run --gpus` reads it: 'all', a count ('2'), or
+    device ids ('device=0,1' or GPU UUIDs); 'none' = no GPU."""
+    text = str(gpus).strip().strip('"').lower()
+    if text == "none":
         return []
-    if gpus == "all":
+    if text == "all":
         return [{"driver": "nvidia", "count": -1, "capabilities": [["gpu"]]}]
-    if gpus.isdigit():
-        return [{"driver": "nvidia", "count": int(gpus), "capabilities": [["gpu"]]}]
-    ids = [g.strip() for g in gpus.split(",") if g.strip()]
-    if not ids or not all(i.isdigit() or i.startswith("gpu-") for i in ids):
-        raise SatdetError(f"--gpus {gpus!r}: expected all, none, a count (2) or device ids (0,1)")
-    return [{"driver": "nvidia", "device_ids": ids, "capabilities": [["gpu"]]}]
+    if text.isdigit() and int(text) > 0:
+        return [{"driver": "nvidia", "count": int(text), "capabilities": [["gpu"]]}]
+    if text.startswith("device="):
+        ids = [g.strip() for g in str(gpus).strip().strip('"')[len("device="):].split(",") if g.strip()]
+        if ids and all(i.isdigit() or i.lower().startswith("gpu-") for i in ids):
+            return [{"driver": "nvidia", "device_ids": ids, "capabilities": [["gpu"]]}]
+    raise SatdetError(f"--gpus {gpus!r}: expected all, none, a count (2) or device ids (device=0,1)")
 
 
 def satdet_container_kwargs(gpus: str = "all", shm_size: str = "2g") -> dict[str, Any]:

@@ -424,7 +424,9 @@ def _report_pool(name: str) -> None:
 @friendly_errors
 def pool_create_cmd(
     name: Annotated[str, typer.Argument(help="Work pool name (prefect.yaml uses gpu-docker).")],
-    gpus: Annotated[str, typer.Option("--gpus", help="GPUs per flow run: all, none, a count, or ids 0,1.")] = "all",
+    gpus: Annotated[
+        str, typer.Option("--gpus", help="GPUs per flow run, as docker run --gpus: all, none, a count, device=0,1.")
+    ] = "all",
     shm_size: Annotated[str, typer.Option("--shm-size", help="Container shared memory (tf.data workers).")] = "2g",
     concurrency_limit: Annotated[
         int | None, typer.Option("--concurrency-limit", min=0, help="Flow runs at once across the whole pool.")

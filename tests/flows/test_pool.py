@@ -68,15 +68,17 @@ def test_the_docker_template_without_prefect_docker_lacks_the_variable_and_is_fl
 
 @pytest.mark.parametrize(("gpus", "expected"), [
     ("all", ALL_GPUS), ("none", []), ("2", [{"driver": "nvidia", "count": 2, "capabilities": [["gpu"]]}]),
-    ("0,1", [{"driver": "nvidia", "device_ids": ["0", "1"], "capabilities": [["gpu"]]}]),
+    ("device=0,1", [{"driver": "nvidia", "device_ids": ["0", "1"], "capabilities": [["gpu"]]}]),
+    ("device=0", [{"driver": "nvidia", "device_ids": ["0"], "capabilities": [["gpu"]]}]),
 ])
 def test_gpu_requests(gpus, expected):
     assert gpu_pool.gpu_request(gpus) == expected
 
 
 def test_bad_gpu_request_is_one_line():
-    with pytest.raises(SatdetError, match="--gpus 'many'"):
-        gpu_pool.gpu_request("many")
+    for bad in ("many", "0", "0,1", "device="):
+        with pytest.raises(SatdetError, match="expected all, none"):
+            gpu_pool.gpu_request(bad)
 
 
 def test_template_out_writes_the_template(tmp_path):
