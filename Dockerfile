@@ -72,6 +72,8 @@ COPY --from=builder /stage/ /
 
 # No NVIDIA_VISIBLE_DEVICES here on purpose: `--gpus` / compose device requests set it per container, and
 # a baked-in "all" would hand every GPU to any container started with the nvidia runtime (docs/container.md).
+# The temporary Prefect API of `satdet run` creates its database on a container's first run: Prefect's 20 s
+# startup limit is too short for that on a busy 2-core host (seen: "Timed out while attempting to connect").
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
@@ -79,6 +81,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PREFECT_HOME=/work/.prefect \
     KERAS_HOME=/work/.keras \
     MPLCONFIGDIR=/tmp/matplotlib \
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120 \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 RUN satdet --version

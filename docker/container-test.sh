@@ -93,9 +93,26 @@ say "base $PYTHON_IMAGE"
 PIP_CA=${PIP_CA-/etc/ssl/certs/ca-certificates.crt}
 [[ -z "$PIP_CA" || -s "$PIP_CA" ]] || PIP_CA=""
 IMAGE_TAG=satdet:container-test-cpu
-build() {
-    make --no-print-directory "$1" PYTHON_IMAGE="$PYTHON_IMAGE" PIP_CA="$PIP_CA" PIP_CONF="${PIP_CONF:-}" \
-        DOCKER="$DOCKER" DOCKER_BUILD_ARGS="$2"
+build_log=${TMPDIR:-/tmp}/satdet-container-build.log
+build() {  # the builder's progress goes to $build_log; its last lines are shown when the build fails
+    if ! make --no-print-directory "$1" PYTHON_IMAGE="$PYTHON_IMAGE" PIP_CA="$PIP_CA" PIP_CONF="${PIP_CONF:-}" \
+        DOCKER="$DOCKER" DOCKER_BUILD_ARGS="--progress=plain $2" >"$build_log" 2>&1; then
+        tail -n 40 "$build_log" >&2
+        return 1
+    fi
+    python3 - "$build_log" <<'EOF' || true
+import re, sys
+name, state = {}, {}
+for line in open(sys.argv[1], errors="replace"):
+    m = re.match(r"#(\d+) (\[(?!internal).*|exporting to image)", line)
+    if m:
+        name.setdefault(m[1], m[2][:90])
+    m = re.match(r"#(\d+) (CACHED|DONE ([0-9.]+)s)", line)
+    if m and m[1] in name:
+        state[m[1]] = "cached" if m[2] == "CACHED" else f"{float(m[3]):.1f} s"
+for k in sorted(state, key=int):
+    print(f"  | {state[k]:>8}  {name[k]}")
+EOF
 }
 if ! timed build_cpu build image-cpu "-t $IMAGE_TAG"; then
     bad "build of the CPU image"; say "$passed passed, $failed failed"; exit 1
