@@ -80,9 +80,9 @@ def render_report(metrics: dict[str, Any], config: Config) -> str:
         "",
     ]
     if metrics.get("per_scene"):
-        lines += ["## Per scene", "",
-                  "Scene level, each scene on its own (P/R/F1 at the score threshold that maximises F1, and at the "
-                  f"output threshold {metrics['output_score_threshold']}):", "", *_scene_rows(metrics), ""]
+        intro = ("Scene level, each scene on its own (P/R/F1 at the score threshold that maximises F1, and at the "
+                 f"output threshold {metrics['output_score_threshold']}):")
+        lines += ["## Per scene", "", intro, "", *_scene_rows(metrics), ""]
     for level in ("scene", "tile"):
         m = metrics.get(level)
         if not m:
