@@ -200,6 +200,14 @@ nfiles=$(find "$work/runs" "$work/predictions" "$work/.prefect" 2>/dev/null | wc
 check "all $nfiles files written belong to $RUN_UID:$RUN_GID" test -z "$others"
 [[ -z "$others" ]] || printf '  | %s\n' "$others"
 
+# Keep the disk in check across runs: the per-revision tag `make image-cpu` added goes (this run's image
+# stays as $IMAGE_TAG and satdet:<version>-cpu, which is what keeps the layer cache), and so do the
+# satdet images earlier runs left untagged.
+rev_tag=$($DOCKER image inspect -f '{{range .RepoTags}}{{println .}}{{end}}' "$IMAGE_TAG" | grep -E -- '-cpu$' \
+          | grep -v -E ':(container-test|[0-9]+\.[0-9]+\.[0-9]+)-cpu$' || true)
+[[ -z "$rev_tag" ]] || $DOCKER rmi $rev_tag >/dev/null || true
+$DOCKER image prune -f --filter label=org.opencontainers.image.title=satdet >/dev/null || true
+
 # ------------------------------------------------------------------------------------------ summary
 secs[total]=$((SECONDS - t0))
 summary=$(for k in "${!secs[@]}"; do printf '"%s_s": %s, ' "$k" "${secs[$k]}"; done)
