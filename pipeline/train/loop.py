@@ -7,7 +7,9 @@ Order of operations in one step (why it matters is in docs/clipping.md):
    by 1/replicas (so the cross-replica SUM is the mean gradient);
 2. gradients are unscaled, then all-reduced across replicas (MirroredStrategy);
 3. a non-finite loss or gradient marks the step as skipped: the update is not applied (weights, optimizer
-   slots and iteration count untouched), the skip counter grows and the loss scale halves;
+   slots and iteration count untouched), the model's non-trainable variables that the forward pass wrote
+   (BatchNorm moving statistics, the sampling seed) are put back to their values before the step, the
+   skip counter grows and the loss scale halves;
 4. the clipper sees the unscaled, reduced, global gradient — never a per-replica or scaled one;
 5. `optimizer.apply_gradients` with the clipped gradient (the optimizer's own all-reduce is disabled:
    the gradient is already reduced).
@@ -99,15 +101,18 @@ class TrainStep(tf.Module):
                 optimizer._all_reduce_sum_gradients = lambda grads_and_vars: list(grads_and_vars)
             else:  # pragma: no cover - depends on the Keras version
                 self._pre_divide = 1.0 / self.replicas
+        # autograph=False: the step, the detector and the clippers branch in Python only on Python values
+        # (static shapes; tensor conditions are explicit tf.cond/tf.where), so AutoGraph would produce the
+        # same graph; skipping its source transformation halves the first step's tracing time.
         self._grads = (
-            tf.function(self._compute_grads, jit_compile=jit_compile)
+            tf.function(self._compute_grads, jit_compile=jit_compile, autograph=False)
             if self.replicas > 1
             else self._compute_grads
         )
         if self.replicas > 1:
-            self._fn = tf.function(self._distributed)
+            self._fn = tf.function(self._distributed, autograph=False)
         else:
-            self._fn = tf.function(self._replica_step, jit_compile=jit_compile)
+            self._fn = tf.function(self._replica_step, jit_compile=jit_compile, autograph=False)
 
     def __call__(self, images: Any, targets: Any) -> dict[str, tf.Tensor]:
         return self._fn(images, targets)
@@ -128,7 +133,41 @@ class TrainStep(tf.Module):
         grads = [None if g is None else tf.cast(g, tf.float32) / scale for g in grads]
         return losses, total, grads
 
+    def _forward_state(self) -> list:
+        """The model's non-trainable variables, once each: what a forward pass may write (BatchNorm moving
+        mean/variance, the sampling seed generator) besides variables nothing writes (frozen layers)."""
+        seen: dict[int, Any] = {}
+        for v in self.model.non_trainable_variables:
+            seen.setdefault(id(v), v)
+        return list(seen.values())
+
+    def _restore_if(self, skipped: tf.Tensor, state: list, saved: list[tf.Tensor]) -> None:
+        """Put `state` back to `saved` when `skipped`. Under MirroredStrategy this runs per replica: each
+        replica restores its own copy (Keras creates BN statistics and seed states with aggregation NONE,
+        which replicas write locally, without a merge call). A variable with another aggregation would need
+        a merge call, which cannot sit in a tf.cond branch in replica context: it gets an unconditional
+        assign of tf.where(skipped, saved, current) instead."""
+        local, other = [], []
+        for v, s in zip(state, saved):
+            inner = getattr(v, "value", v)
+            aggregation = getattr(inner, "aggregation", tf.VariableAggregation.NONE)
+            (local if self.replicas == 1 or aggregation == tf.VariableAggregation.NONE else other).append((v, s))
+
+        def restore():
+            for v, s in local:
+                v.assign(s)
+            return tf.constant(True)
+
+        if local:
+            tf.cond(skipped, restore, lambda: tf.constant(False))
+        for v, s in other:  # pragma: no cover - no such variable in the detector
+            v.assign(tf.where(skipped, s, tf.convert_to_tensor(v)))
+
     def _replica_step(self, images, targets):
+        # Read before the forward pass (automatic control dependencies order the reads before the writes
+        # of the forward pass), restored below if the step turns out non-finite.
+        state = self._forward_state()
+        saved = [tf.identity(tf.convert_to_tensor(v)) for v in state]
         losses, total, grads = self._grads(images, targets)
         pairs = [(g, v) for g, v in zip(grads, self.model.trainable_variables) if g is not None]
         grads, variables = [g for g, _ in pairs], [v for _, v in pairs]
@@ -146,6 +185,7 @@ class TrainStep(tf.Module):
         if self.loss_scale is not None:
             self.loss_scale.update(finite)
         self._apply_if(finite, clipped, variables)
+        self._restore_if(~finite, state, saved)
         self.skipped.assign_add(tf.cast(~finite, tf.int64))
         self.clipped_total.assign_add(tf.cast(stats.clipped & finite, tf.int64))
         self.steps_total.assign_add(1)
@@ -495,15 +535,21 @@ def build_variables(model: keras.Model, element_spec: Any) -> None:
     """Create every model variable with one eager loss computation on an all-zero batch without boxes.
 
     The optimizer's slots and a checkpoint restore need the complete variable list before the first
-    traced step, and Keras layers may build lazily on their first call.
+    traced step, and Keras layers may build lazily on their first call. The computation runs in inference
+    mode (BatchNorm uses, and does not update, its moving statistics), and the non-trainable variables
+    that existed before it (moving statistics, the sampling seed, which the loss computation draws from)
+    are put back afterwards: building leaves the model exactly as it was constructed.
     """
     image_spec, target_spec = element_spec
 
     def zeros(spec: tf.TensorSpec) -> tf.Tensor:
         return tf.zeros([1 if d is None else d for d in spec.shape], spec.dtype)
 
+    before = {id(v): (v, tf.identity(tf.convert_to_tensor(v))) for v in model.non_trainable_variables}
     targets = {k: zeros(v) for k, v in target_spec.items() if v.dtype != tf.string}
-    model.compute_losses(zeros(image_spec), targets, training=True)
+    model.compute_losses(zeros(image_spec), targets, training=False)
+    for v, value in before.values():
+        v.assign(value)
 
 
 def _batch_of(images: Any) -> int:

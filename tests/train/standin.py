@@ -19,17 +19,22 @@ SIZE, CHANNELS, MAX_BOXES = 16, 3, 4
 class TinyDetector(keras.Model):
     """conv → pool → four small heads, one per loss term; the last Dense plays the 'final classifier'."""
 
-    def __init__(self, noise: float = 0.0, **kwargs):
+    def __init__(self, noise: float = 0.0, bn: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.noise = noise  # > 0: training inputs get noise from TF's global generator (tests RNG resume)
         self.conv = keras.layers.Conv2D(4, 3, padding="same", activation="relu", name="conv")
+        # bn: a BatchNormalization (moving statistics written by the forward pass) after the convolution
+        self.bn = keras.layers.BatchNormalization(momentum=0.5, name="bn") if bn else None
         self.pool = keras.layers.GlobalAveragePooling2D()
         self.hidden = keras.layers.Dense(8, activation="relu", name="hidden")
         self.box_head = keras.layers.Dense(4, name="box_head")
         self.cls_score = keras.layers.Dense(2, name="cls_score")
 
     def call(self, images, training=False):
-        h = self.hidden(self.pool(self.conv(images)))
+        x = self.conv(images)
+        if self.bn is not None:
+            x = self.bn(x, training=training)
+        h = self.hidden(self.pool(x))
         return {"box": self.box_head(h), "cls": self.cls_score(h)}
 
     def compute_losses(self, images, targets, training=True):
@@ -53,9 +58,9 @@ class TinyDetector(keras.Model):
         return list(self.cls_score.trainable_variables)
 
 
-def build_model(seed: int = 0, noise: float = 0.0) -> TinyDetector:
+def build_model(seed: int = 0, noise: float = 0.0, bn: bool = False) -> TinyDetector:
     keras.utils.set_random_seed(seed)
-    model = TinyDetector(noise=noise)
+    model = TinyDetector(noise=noise, bn=bn)
     model(tf.zeros([1, SIZE, SIZE, CHANNELS]))
     return model
 
@@ -128,3 +133,71 @@ def resume_run(model_dir: str, resume: bool, slow_after: int = -1) -> list[np.nd
     weights = [v.numpy() for v in model.trainable_variables]
     np.savez(f"{model_dir}/final.npz", *weights)
     return weights
+
+
+# ------------------------------------------------------------------ the real detector, small
+def detector_config(backbone: str = "tiny", **overrides: object):
+    """A FasterRCNN config small enough for CPU trainer tests at 64 px (P3-P5, narrow heads, few samples)."""
+    from pipeline.config import ModelConfig
+
+    base = {
+        "backbone": backbone, "fpn_channels": 16, "head_dim": 32, "min_level": 3, "max_level": 5,
+        "anchor_sizes": [16, 32, 64], "rpn_batch_per_image": 32, "roi_batch_per_image": 16,
+        "rpn_pre_nms_top_n_train": 64, "rpn_post_nms_top_n_train": 32, "rpn_pre_nms_top_n_test": 64,
+        "rpn_post_nms_top_n_test": 32, "max_detections": 10, "nms_impl": "greedy",
+        "roi_align_impl": "crop_and_resize",
+    }
+    base.update(overrides)
+    return ModelConfig(**base)
+
+
+def detector_arrays(n: int = 8, size: int = 64, seed: int = 0, max_boxes: int = 3):
+    """Dark noisy images with bright squares (class 1) or dim ones (class 2) of 12-24 px; padded targets."""
+    rng = np.random.default_rng(seed)
+    images = rng.normal(0.0, 0.1, (n, size, size, CHANNELS)).astype(np.float32)
+    boxes = np.zeros((n, max_boxes, 4), np.float32)
+    labels = np.zeros((n, max_boxes), np.int32)
+    num = rng.integers(1, max_boxes + 1, size=n).astype(np.int32)
+    for i in range(n):
+        for j in range(num[i]):
+            side = rng.uniform(12, 24)
+            x0, y0 = rng.uniform(0, size - side, size=2)
+            cls = int(rng.integers(1, 3))
+            boxes[i, j], labels[i, j] = [x0, y0, x0 + side, y0 + side], cls
+            images[i, int(y0) : int(y0 + side), int(x0) : int(x0 + side), :] += 2.0 if cls == 1 else 1.0
+    return images, {"boxes": boxes, "labels": labels, "num_boxes": num}
+
+
+def detector_dataset(batch: int = 2, n: int = 8, seed: int = 0, size: int = 64) -> tf.data.Dataset:
+    images, targets = detector_arrays(n, size, seed)
+    ds = tf.data.Dataset.from_tensor_slices((images, targets))
+    return ds.shuffle(n, seed=seed, reshuffle_each_iteration=True).repeat().batch(batch, drop_remainder=True)
+
+
+def tiny_bn_backbone(name: str, bands: int, *args: object, **kwargs: object) -> keras.Model:
+    """The tiny backbone's shape (C2-C5 at strides 4-32) with a BatchNormalization after every convolution
+    (momentum 0.9): what a from-scratch MobileNetV3 does with its statistics, at a fraction of the cost.
+    Same signature as pipeline.model.backbone.build_backbone, whose place it takes in `build_bn_detector`."""
+    inputs = keras.Input((None, None, bands))
+
+    def conv_bn(x, ch, stride, name):
+        x = keras.layers.Conv2D(ch, 3, strides=stride, padding="same", use_bias=False, name=name)(x)
+        x = keras.layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
+        return keras.layers.Activation("relu")(x)
+
+    x = conv_bn(inputs, 8, 2, "bn_stem")
+    outs = []
+    for i, ch in enumerate((16, 16, 32, 32)):
+        x = conv_bn(x, ch, 2, f"bn_c{i + 2}")
+        outs.append(x)
+    return keras.Model(inputs, outs, name="tiny_bn_backbone")
+
+
+def build_bn_detector(num_classes: int = 2, bands: int = CHANNELS, **overrides: object):
+    """The real FasterRCNN (detector_config) on `tiny_bn_backbone`."""
+    from unittest import mock
+
+    from pipeline.model import detector
+
+    with mock.patch.object(detector, "build_backbone", tiny_bn_backbone):
+        return detector.build_detector(detector_config("tiny", **overrides), num_classes, bands)
