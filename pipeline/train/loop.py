@@ -30,7 +30,9 @@ import tensorflow as tf
 from pipeline.config import Config
 from pipeline.train.checkpoints import (
     RunState,
+    check_fingerprint,
     checkpoint_manager,
+    config_fingerprint,
     load_best,
     make_checkpoint,
     restore_latest,
@@ -311,6 +313,7 @@ def fit(
     progress: bool = True,
     explain_data_error: Callable[[Exception], Exception] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    fingerprint: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train `model` on batches from `dataset_fn()` per `config.train`; returns a summary dict.
 
@@ -320,6 +323,8 @@ def fit(
     by the input pipeline into a user-facing error. `evaluate_fn(model) -> AP50` scores validation data for the
     best checkpoint and early stopping. Build the model inside `strategy.scope()` when distributed.
     `clock() -> seconds` is read for every time measurement (throughput, time budget; tests inject one).
+    `fingerprint` (default: `config_fingerprint(config)`, without the tile layout) is stored beside the
+    checkpoints; with `resume` it must match the stored one (see `checkpoints.check_fingerprint`).
     """
     tcfg = config.train
     model_dir = Path(model_dir)
@@ -351,6 +356,8 @@ def fit(
         )
     ckpt = make_checkpoint(model=model, optimizer=optimizer, clip=clipper, train_step=step_fn, state=state)
     manager = checkpoint_manager(ckpt, model_dir, tcfg.keep_checkpoints)
+    resuming = resume and manager.latest_checkpoint is not None
+    check_fingerprint(model_dir, config_fingerprint(config) if fingerprint is None else fingerprint, resuming)
     restored = restore_latest(ckpt, manager) if resume else None
     end = tcfg.steps  # the step the run ends at: train.steps, or the length fitted to the time budget
     if length is not None:
@@ -625,6 +632,7 @@ def run_training(config: Config, tiles_dir: Path, model_dir: Path, resume: bool 
         evaluate_fn=evaluate_fn,
         agc_exempt=exempt,
         explain_data_error=lambda err: explain_data_error(err, tiles_dir, "train"),
+        fingerprint=config_fingerprint(config, stats),
     )
     calibration = None
     if evaluate_fn is not None:
