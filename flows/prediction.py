@@ -20,6 +20,7 @@ from prefect.tasks import exponential_backoff
 
 from flows.alerts import on_run_failure
 from flows.caching import fingerprint, key_fn
+from flows.scaleout import on_dask
 from flows.training import _transient
 from pipeline.config import Config, PredictConfig
 from pipeline.errors import SatdetError
@@ -120,9 +121,13 @@ def predict_scenes(
         batches = [(p.stem, [p]) for p in paths]
     written: list[Path] = []
     rows = []
-    for label, batch in batches:
-        task_ = predict_task.with_options(refresh_cache=True) if force else predict_task
-        files = task_(config, export_dir, batch, out_path, label)
+    task_ = predict_task.with_options(refresh_cache=True) if force else predict_task
+    if on_dask():  # every scene on a Dask worker (each worker loads the model once), collected in order
+        futures = [task_.submit(config, export_dir, batch, out_path, label) for label, batch in batches]
+        outputs = [f.result() for f in futures]
+    else:  # one after another on this thread, which holds the model (and the GPU)
+        outputs = [task_(config, export_dir, batch, out_path, label) for label, batch in batches]
+    for (label, batch), files in zip(batches, outputs, strict=True):
         if not all(f.exists() for f in files):  # a cache hit whose files were deleted since: predict again
             files = predict_task.with_options(refresh_cache=True)(config, export_dir, batch, out_path, label)
         written += files

@@ -35,6 +35,7 @@ from flows.caching import config_digest, fingerprint, key_fn, stage_code, stage_
 from flows.locking import run_folder_lock
 from flows.reporting import publish_artifacts, slug
 from flows.runlog import follow_training, pipeline_logs_to_run, run_logger
+from flows.scaleout import on_dask
 from pipeline.config import Config, ConfigError, config_from_dict, load_config, save_config
 from pipeline.errors import SatdetError
 from pipeline.files import atomic_write_json, atomic_write_text
@@ -290,7 +291,8 @@ def _train_pipeline(config: Config, run_dir: Path, force: bool, logger: Any) -> 
     tiles_done = tiles_dir / "manifest.jsonl"
     plan_tiling(config, work_dir, force=force)  # once, before the scene tasks (they all read it)
     n_scenes = len(config.tiling.scenes)
-    workers = max(1, min(config.tiling.workers or os.cpu_count() or 1, n_scenes))
+    # On the default thread pool at most tiling.workers scenes at a time; on Dask the cluster decides.
+    workers = n_scenes if on_dask() else max(1, min(config.tiling.workers or os.cpu_count() or 1, n_scenes))
     scene_outputs = _bounded_map(fresh(tile_scene, work_dir, tiles_done), config, n_scenes, work_dir, workers)
     tiles = fresh(finalize_tiling, tiles_done)(config, scene_outputs, tiles_dir)
     _prune_siblings(work_dir)

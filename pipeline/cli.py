@@ -315,6 +315,16 @@ def predict_cmd(
 # imports prefect, and `satdet --help` stays instant.
 
 
+DaskOpt = Annotated[
+    bool, typer.Option("--dask", help="Run the per-scene tasks on Dask: a LocalCluster (tiling.workers processes) "
+                       "or the cluster at --dask-address (needs the dask extra: pip install satdet\\[dask]).")
+]
+DaskAddressOpt = Annotated[
+    str | None, typer.Option("--dask-address", help="Scheduler of an existing Dask cluster (tcp://host:8786); "
+                             "implies --dask.")
+]
+
+
 def _prefect_env() -> None:
     """Quiet defaults for Prefect (before it is imported); a user's own settings win."""
     import os
@@ -335,16 +345,23 @@ def run_cmd(
         typer.Option("--timeout-minutes", min=0, help="Fail the run (TimedOut) after this long; 0 = no limit. "
                      "Default: 2 × train.time_budget_minutes + 60 when a budget is set."),
     ] = None,
+    dask: DaskOpt = False,
+    dask_address: DaskAddressOpt = None,
 ) -> None:
     """Run the training pipeline as a Prefect flow: tile → dataset → train → evaluate (finished stages are cached).
 
     One run at a time per run folder: a second run of the same folder waits for the first."""
-    load(config, set_)  # fail fast, with one line, before Prefect starts
+    cfg = load(config, set_)  # fail fast, with one line, before Prefect starts
     _prefect_env()
     from flows.training import train_pipeline
 
-    result = train_pipeline(config_path=str(config), overrides=list(set_ or []), force=force,
-                            timeout_minutes=timeout_minutes)
+    flow_ = train_pipeline
+    if dask or dask_address:
+        from flows.scaleout import dask_task_runner, local_workers
+
+        flow_ = train_pipeline.with_options(
+            task_runner=dask_task_runner(dask_address, local_workers(cfg.tiling.workers)))
+    result = flow_(config_path=str(config), overrides=list(set_ or []), force=force, timeout_minutes=timeout_minutes)
     ap50 = result.get("AP50")
     typer.echo(f"AP50 (scene, {result['eval_split']}): {ap50:.3f}" if ap50 is not None else "AP50: not available")
     typer.echo(f"report: {result['report']}")
@@ -363,12 +380,19 @@ def predict_flow_cmd(
         Path | None, typer.Option("--config", "-c", help="Config whose `predict:` section to use.")
     ] = None,
     set_: SetOpt = None,
+    dask: DaskOpt = False,
+    dask_address: DaskAddressOpt = None,
 ) -> None:
     """Predict whole scenes with an exported model, as a Prefect flow (one task per scene)."""
     cfg = load(config, set_) if config or set_ else None
     _prefect_env()
     from flows.prediction import predict_scenes
 
+    if dask or dask_address:
+        from flows.scaleout import dask_task_runner, local_workers
+
+        workers = min(local_workers(cfg.tiling.workers if cfg else 0), max(len(scenes), 1))
+        predict_scenes = predict_scenes.with_options(task_runner=dask_task_runner(dask_address, workers))
     written = predict_scenes(
         model_dir=str(model_dir),
         scenes=[str(s) for s in scenes],

@@ -6,7 +6,7 @@ config (scenes appended to tiling.scenes, overrides applied)."""
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from uuid import uuid4
 
@@ -41,7 +41,7 @@ def _server_automation():
 def _event(payload: dict):
     from prefect.server.events.schemas.events import ReceivedEvent
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return ReceivedEvent(event="satdet.imagery.landed", resource={"prefect.resource.id": "satdet.imagery.neon"},
                          payload=payload, occurred=now, received=now, id=uuid4())
 
