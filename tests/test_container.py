@@ -308,6 +308,25 @@ def test_compose_is_safe_by_default():
     assert "chmod 1777 /work/.prefect /work/.keras" in run
 
 
+def test_compose_smoke_copy_keeps_what_it_checks(tmp_path):
+    """docker/compose-smoke/derive.py swaps the two Hub images and drops the GPU reservation, nothing else
+    that docker/compose-smoke.sh checks."""
+    out = tmp_path / "compose.yml"
+    proc = subprocess.run([sys.executable, str(ROOT / "docker" / "compose-smoke" / "derive.py"),
+                           str(ROOT / "docker-compose.yml"), str(out), "satdet:test-cpu", "pg:local"],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    real, copy = _compose()["services"], yaml.safe_load(out.read_text())["services"]
+    assert copy["postgres"]["image"] == "pg:local" and copy["trainer"]["image"] == "satdet:test-cpu"
+    assert "deploy" not in copy["trainer"] and copy["prefect-server"]["entrypoint"] == []
+    for name in ("prefect-server", "trainer"):
+        for key in ("command", "environment", "healthcheck", "depends_on"):
+            assert copy[name][key] == real[name][key], (name, key)
+    assert copy["prefect-server"]["ports"] == real["prefect-server"]["ports"]
+    assert copy["trainer"]["user"] == real["trainer"]["user"]
+    assert copy["trainer"]["shm_size"] == real["trainer"]["shm_size"]
+
+
 @pytest.mark.parametrize("bind, auth, code", [("127.0.0.1", None, 0), ("0.0.0.0", None, 78),
                                               ("0.0.0.0", "admin:pass", 0), ("10.0.0.5", "", 78)])
 def test_prefect_server_refuses_a_public_bind_without_an_auth_string(bind, auth, code):
