@@ -201,3 +201,38 @@ def build_bn_detector(num_classes: int = 2, bands: int = CHANNELS, **overrides: 
 
     with mock.patch.object(detector, "build_backbone", tiny_bn_backbone):
         return detector.build_detector(detector_config("tiny", **overrides), num_classes, bands)
+
+
+def detector_resume_run(model_dir: str, resume: bool, slow_after: int = -1) -> list[np.ndarray]:
+    """`resume_run` with the real FasterRCNN (tiny backbone, 64 px): 8 steps of momentum SGD with warmup
+    and cosine decay, autoclip, checkpoints at steps 4 and 8. Its sampling RNG is a model variable (the
+    seed generator), so a resumed run draws the same anchors and ROIs as an uninterrupted one."""
+    import time
+
+    from pipeline.model.detector import build_detector
+    from pipeline.train.loop import fit
+
+    cfg = tiny_config(
+        steps=8, clip={"strategy": "autoclip", "percentile": 50.0, "warmup_steps": 2}, learning_rate=0.02
+    )
+    cfg.train.log_every, cfg.train.checkpoint_every, cfg.train.schedule.warmup_steps = 2, 4, 2
+    cfg.model = detector_config("tiny")
+    cfg.classes = ["bright", "dim"]
+
+    def hang(i):
+        if i >= slow_after:
+            time.sleep(3600)
+        return i
+
+    def data(start: int) -> tf.data.Dataset:
+        ds = detector_dataset(batch=2, n=8, seed=1)
+        if slow_after >= 0:
+            ds = ds.enumerate().map(lambda i, b: (tf.numpy_function(hang, [i], tf.int64), b)[1])
+        return ds.skip(start)
+
+    keras.utils.set_random_seed(0)
+    model = build_detector(cfg.model, len(cfg.classes), CHANNELS)
+    fit(model, data, cfg, model_dir, resume=resume, progress=False)
+    weights = [v.numpy() for v in model.trainable_variables]
+    np.savez(f"{model_dir}/final.npz", *weights)
+    return weights

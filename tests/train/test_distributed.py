@@ -59,6 +59,80 @@ for name in sys.argv[2].split(","):
     "losses": [[a["loss"], b["loss"]] for a, b in zip(o1, o2)],
     "iterations": [it1, it2],
   }
+
+# ---- the real detector (BN backbone): what the clipper sees is the mean of the replicas' gradients, and a
+# non-finite step restores every replica's copy of the BN statistics. Sampling takes every anchor and ROI
+# candidate, so a replica's gradient is the single-device gradient of its half of the batch.
+if sys.argv[3] == "1":
+    import keras
+    from standin import build_bn_detector, detector_arrays
+    from pipeline.train.loop import LOSS_KEYS
+
+    overrides = dict(rpn_batch_per_image=256, roi_batch_per_image=64, roi_positive_fraction=1.0)
+    images, targets = detector_arrays(4, 64, seed=2)
+    halves = [(tf.constant(images[i * 2:(i + 1) * 2]), {k: tf.constant(v[i * 2:(i + 1) * 2]) for k, v in targets.items()})
+              for i in range(2)]
+    keras.utils.set_random_seed(0)
+    ref = build_bn_detector(**overrides)
+    state = [v.numpy() for v in ref.non_trainable_variables]
+    grads, losses = [], []
+    for x, y in halves:
+        for v, s in zip(ref.non_trainable_variables, state):
+            v.assign(s)
+        with tf.GradientTape() as tape:
+            total = tf.add_n(list(ref.compute_losses(x, y, training=True).values()))
+        grads.append(tape.gradient(total, ref.trainable_variables))
+        losses.append(float(total))
+    pairs = [(a, b) for a, b in zip(*grads) if a is not None]
+    mean_grad = [(a + b) / 2 for a, b in pairs]
+    norm = float(tf.linalg.global_norm(mean_grad))
+    lr, clip_norm = 0.1, norm / 4
+
+    with mirrored.scope():
+        keras.utils.set_random_seed(0)
+        model = build_bn_detector(**overrides)
+        opt = build_optimizer(OptimizerConfig(name="sgd", learning_rate=lr, momentum=0.0, weight_decay=0.0), lr)
+        step = make_train_step(model, opt, build_clipper(ClipConfig(strategy="global_norm", clip_norm=clip_norm)),
+                               strategy=mirrored)
+    start = [v.numpy() for v in model.trainable_variables]
+    assert all((a == b.numpy()).all() for a, b in zip(start, ref.trainable_variables))
+
+    def distribute(per_replica):
+        xs = mirrored.experimental_distribute_values_from_function(lambda ctx: per_replica[ctx.replica_id_in_sync_group][0])
+        ys = mirrored.experimental_distribute_values_from_function(lambda ctx: per_replica[ctx.replica_id_in_sync_group][1])
+        return xs, ys
+
+    out = step(*distribute(halves))
+    with_grad = [i for i, g in enumerate(grads[0]) if g is not None]
+    expected = [start[i] - lr * (clip_norm / norm) * g.numpy() for i, g in zip(with_grad, mean_grad)]
+    components = lambda v: [c.numpy() for c in v.value.values]  # noqa: E731 - every replica's copy
+    detector = {
+        "norm": [norm, float(out["grad_norm_before"])],
+        "after": [clip_norm, float(out["grad_norm_after"])],
+        "loss": [sum(losses) / 2, float(out["loss"])],
+        "clipped": bool(out["clipped"]), "skipped": bool(out["skipped"]),
+        "iterations": int(opt.iterations.numpy()),
+        "max_weight_error": max(float(np.abs(model.trainable_variables[i].numpy() - e).max())
+                                for i, e in zip(with_grad, expected)),
+        "max_step": max(float(np.abs(model.trainable_variables[i].numpy() - start[i]).max()) for i in with_grad),
+        "replicas_agree": all(float(np.abs(c[0] - c[1]).max()) == 0.0
+                              for c in map(components, model.trainable_variables)),
+    }
+    before = [[c.tobytes() for c in components(v)] for v in model.variables]
+    bn = [i for i, v in enumerate(model.variables) if "moving_" in v.path]
+    poisoned = [halves[0], (tf.tensor_scatter_nd_update(halves[1][0], [[0, 3, 3, 0]], [np.nan]), halves[1][1])]
+    out = step(*distribute(poisoned))  # NaN on the second replica only: both skip, both restore
+    after = [[c.tobytes() for c in components(v)] for v in model.variables]
+    detector.update(
+        nan_skipped=bool(out["skipped"]), bn_vars=len(bn),
+        changed=[model.variables[i].path for i, (a, b) in enumerate(zip(before, after)) if a != b],
+        iterations_after_nan=int(opt.iterations.numpy()),
+    )
+    out = step(*distribute(halves))
+    moved = [[c.tobytes() for c in components(model.variables[i])] for i in bn]
+    detector["bn_moved_after"] = sum(m != after[i] for m, i in zip(moved, bn))
+    detector["finite_after"] = not bool(out["skipped"])
+    results["detector"] = detector
 print(json.dumps(results))
 """
 
@@ -77,7 +151,7 @@ def start_in_background() -> None:
     # Files, not pipes: nobody reads the output until the fixture runs. The fixture closes them.
     _run["out"], _run["err"] = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")  # noqa: SIM115
     _run["proc"] = proc = subprocess.Popen(
-        [sys.executable, "-c", SCRIPT, str(here), ",".join(STRATEGIES)],
+        [sys.executable, "-c", SCRIPT, str(here), ",".join(STRATEGIES), "1"],
         stdout=_run["out"],
         stderr=_run["err"],
         text=True,
@@ -112,3 +186,24 @@ def test_mirrored_step_clips_the_reduced_gradient_like_a_single_device_step(resu
         assert all(a for a, _ in res["clipped"])
     assert [a for a, _ in res["clipped"]] == [b for _, b in res["clipped"]]
     assert res["max_weight_diff"] < 1e-6
+
+
+def test_real_detector_under_mirrored_strategy_clips_the_all_reduced_gradient(results):
+    """The real FasterRCNN (BN backbone) on two replicas, each with half of a batch of 4: the clipper sees
+    the mean of the replicas' gradients (each computed here on one device), the optimizer applies the
+    clipped mean once, and every replica keeps the same weights."""
+    res = results["detector"]
+    assert not res["skipped"] and res["clipped"] and res["iterations"] == 1
+    for expected, got in (res["norm"], res["after"], res["loss"]):
+        assert got == pytest.approx(expected, rel=1e-4)
+    assert res["max_weight_error"] < 1e-3 * res["max_step"], res
+    assert res["replicas_agree"]
+
+
+def test_real_detector_under_mirrored_strategy_restores_every_replicas_bn_statistics(results):
+    """A NaN pixel in one replica's half: the reduced gradient is non-finite, so both replicas skip, and both
+    replicas' copies of every variable (BN moving statistics, sampling seed) are bit-identical to before."""
+    res = results["detector"]
+    assert res["nan_skipped"] and res["bn_vars"] == 10
+    assert res["changed"] == [] and res["iterations_after_nan"] == 1
+    assert res["finite_after"] and res["bn_moved_after"] == 10

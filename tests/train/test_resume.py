@@ -1,4 +1,6 @@
-"""Kill -9 after the step-10 checkpoint, resume, and end where 20 uninterrupted steps end."""
+"""Kill -9 after a checkpoint, resume, and end where an uninterrupted run ends: with the stand-in (20 steps,
+killed after the step-10 checkpoint) and with the real detector (tiny backbone, 8 steps, killed after the
+step-4 checkpoint)."""
 
 from __future__ import annotations
 
@@ -14,28 +16,37 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from standin import resume_run
+from standin import detector_resume_run, resume_run
 
 from pipeline.train.telemetry import read_log
 
 HERE = Path(__file__).parent
 
-# A real training process (see standin.resume_run), killed and resumed from the command line. With
-# "wait", it imports TensorFlow and the trainer first, then starts only once a line arrives on stdin.
+# A real training process (standin.resume_run or standin.detector_resume_run), killed and resumed from the
+# command line. With "wait", it imports TensorFlow and the trainer first, then starts only once a line
+# arrives on stdin.
 SCRIPT = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
 import pipeline.train.loop
-from standin import resume_run
+import standin
+run = getattr(standin, sys.argv[6])
 if sys.argv[5] == "wait":
     sys.stdin.readline()
-resume_run(sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]))
+run(sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]))
 """
 
+# name: (function, checkpoint step the kill follows, batch the first process hangs at, logged steps)
+RUNS = {
+    "standin": (resume_run, 10, 12, [5, 10, 15, 20]),
+    "detector": (detector_resume_run, 4, 6, [2, 4, 6, 8]),
+}
 
-def _run(model_dir: Path, resume: bool, slow_after: int, wait: bool = False) -> subprocess.Popen:
+
+def _run(model_dir: Path, run: str, resume: bool, slow_after: int, wait: bool = False) -> subprocess.Popen:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(HERE.parents[1]))
-    args = [str(HERE), str(model_dir), "1" if resume else "0", str(slow_after), "wait" if wait else "go"]
+    args = [str(HERE), str(model_dir), "1" if resume else "0", str(slow_after), "wait" if wait else "go",
+            RUNS[run][0].__name__]
     # stderr to a file, not a pipe: the process may run long before anyone reads it (closed by _stop_early).
     err = tempfile.TemporaryFile("w+")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -59,37 +70,45 @@ _early: dict = {}
 
 
 def start_in_background() -> None:
-    """Start both processes (once): the first trains into its step-10 checkpoint and then hangs, the second
+    """Start the processes (once): per run, the first trains into its checkpoint and then hangs, the second
     imports TensorFlow and waits for the go to resume. tests/train/conftest.py calls this as soon as
-    collection finishes, so their start-up and first 12 steps overlap the tests that run before this one."""
+    collection finishes, so their start-up and first steps overlap the tests that run before this one."""
     if _early:
         return
     root = Path(tempfile.mkdtemp(prefix="satdet-resume-test-"))
-    resumed = root / "resumed"
-    _early.update(root=root, resumed=resumed, first=_run(resumed, resume=False, slow_after=12),
-                  second=_run(resumed, resume=True, slow_after=-1, wait=True))
+    _early["root"] = root
+    for run, (_, _, slow_after, _) in RUNS.items():
+        resumed = root / run
+        _early[run] = {
+            "resumed": resumed,
+            "first": _run(resumed, run, resume=False, slow_after=slow_after),
+            "second": _run(resumed, run, resume=True, slow_after=-1, wait=True),
+        }
     atexit.register(_stop_early)
 
 
 def _stop_early() -> None:
-    for proc in (_early["first"], _early["second"]):
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.err_file.close()
+    for run in RUNS:
+        for proc in (_early[run]["first"], _early[run]["second"]):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.err_file.close()
     shutil.rmtree(_early["root"], ignore_errors=True)
 
 
-def test_kill9_then_resume_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("run", list(RUNS))
+def test_kill9_then_resume_matches_uninterrupted_run(tmp_path, run):
     start_in_background()
-    resumed, reference = _early["resumed"], tmp_path / "reference"
-    proc, resume = _early["first"], _early["second"]
+    function, checkpoint_step, _, logged = RUNS[run]
+    resumed, reference = _early[run]["resumed"], tmp_path / "reference"
+    proc, resume = _early[run]["first"], _early[run]["second"]
     try:
         index = resumed / "checkpoints" / "checkpoint"
-        deadline = time.monotonic() + 240
-        while not (index.exists() and "ckpt-10" in index.read_text()):
+        deadline = time.monotonic() + 300
+        while not (index.exists() and f"ckpt-{checkpoint_step}" in index.read_text()):
             assert proc.poll() is None, _stderr(proc)
-            assert time.monotonic() < deadline, "no step-10 checkpoint in time"
+            assert time.monotonic() < deadline, f"no step-{checkpoint_step} checkpoint in time"
             time.sleep(0.2)
         time.sleep(0.5)  # let it run into the hanging input pipeline
         os.kill(proc.pid, signal.SIGKILL)
@@ -100,7 +119,7 @@ def test_kill9_then_resume_matches_uninterrupted_run(tmp_path):
         assert resume.poll() is None, _stderr(resume)
         resume.stdin.write("go\n")
         resume.stdin.close()
-        resume_run(str(reference), resume=False)  # the uninterrupted 20 steps, in this process meanwhile
+        function(str(reference), resume=False)  # the uninterrupted run, in this process meanwhile
         resume.wait(timeout=300)
         assert resume.returncode == 0, _stderr(resume)
     finally:
@@ -114,7 +133,13 @@ def test_kill9_then_resume_matches_uninterrupted_run(tmp_path):
     for key in a.files:
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
     log_a, log_b = read_log(resumed), read_log(reference)
-    assert [r["step"] for r in log_a] == [r["step"] for r in log_b] == [5, 10, 15, 20]
+    assert [r["step"] for r in log_a] == [r["step"] for r in log_b] == logged
+    keys = ["loss", "grad_norm_before", "clip_threshold", "lr", "clip_fraction_total"]
+    if run == "detector":  # the real detector's four loss terms: its sampling RNG continues exactly too
+        keys += ["rpn_objectness", "rpn_box", "roi_class", "roi_box"]
     for ra, rb in zip(log_a, log_b):
-        for key in ("loss", "grad_norm_before", "clip_threshold", "lr", "clip_fraction_total"):
-            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), (ra["step"], key)
+        for key in keys:
+            if rb[key] is None:  # an infinite threshold (autoclip's warmup) is logged as null
+                assert ra[key] is None, (ra["step"], key)
+            else:
+                assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), (ra["step"], key)
