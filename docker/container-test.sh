@@ -13,8 +13,8 @@
 #     host: the run folder (config.yaml, tiles, model/export, eval/metrics.json), the GeoJSON, and that
 #     every file written belongs to that uid.
 # Prints each phase's seconds and the image sizes, and ends with "container-test: N passed, N failed".
-# Skips (exit 0, loudly) only when no engine can be reached or started (e.g. not root and no engine);
-# CONTAINER_TEST_REQUIRED=1 makes that a failure.
+# Skips (exit 0, loudly) only when no engine can be reached or started (e.g. not root and no engine) or
+# the engine's disk has under 10 GB free; CONTAINER_TEST_REQUIRED=1 makes that a failure.
 #
 # Settings: PYTHON_IMAGE, PIP_CA (default /etc/ssl/certs/ca-certificates.crt when present; PIP_CA= to pass
 # none), PIP_CONF, CONTAINER_TEST_UID/GID (default 4321), KEEP=1 (keep the scratch folder and the engine
@@ -78,6 +78,13 @@ if ! $DOCKER info >/dev/null 2>&1; then
 fi
 trap stop_engine EXIT
 say "engine $($DOCKER version --format '{{.Server.Version}}'), client $DOCKER"
+# A cold CPU build needs about 7 GB (pip cache, the dependency layer, its copy, the export).
+root_dir=$($DOCKER info --format '{{.DockerRootDir}}' 2>/dev/null || echo /var/lib/docker)
+free_gb=$(df -P -BG "$root_dir" 2>/dev/null | awk 'NR == 2 {print int($4)}')
+if [[ -n "$free_gb" && "$free_gb" -lt ${CONTAINER_TEST_MIN_FREE_GB:-10} ]]; then
+    stop_engine
+    skip "only ${free_gb} GB free under $root_dir, a build needs about 7 (CONTAINER_TEST_MIN_FREE_GB)"
+fi
 
 # ------------------------------------------------------------------------------------------ 2. base
 if [[ -z "${PYTHON_IMAGE:-}" ]]; then
