@@ -33,6 +33,8 @@ def test_real_detector_skipped_step_leaves_bn_statistics_bit_identical():
     model = build_bn_detector()
     stats = [v for v in model.non_trainable_variables if "moving_" in v.path]
     assert len(stats) == 10  # moving mean and variance of the five batch norms
+    for v in stats:  # the constructor's build call (inference mode) left them at their initial values
+        assert (v.numpy() == (0.0 if v.path.endswith("moving_mean") else 1.0)).all(), v.path
     images, targets = detector_arrays(n=2, size=64)
     images, targets = tf.constant(images), {k: tf.constant(v) for k, v in targets.items()}
 
