@@ -31,6 +31,7 @@ VARIANTS = {
     "adabn": {"adapt_bn": True},
     "scene_norm+adabn": {"normalize": "scene", "adapt_bn": True},
     "tta": {"tta": True},
+    "scene_norm+tta": {"normalize": "scene", "tta": True},
     "scene_norm+adabn+tta": {"normalize": "scene", "adapt_bn": True, "tta": True},
 }
 

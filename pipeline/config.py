@@ -323,9 +323,10 @@ class PredictConfig(_Section):
     )
     per_scene: bool = Field(False, description="One output file per scene instead of one per run.")
     normalize: Literal["train", "scene"] = Field(
-        "train",
-        description="Normalise a scene with the training statistics, or with its own per-band percentile "
-        "statistics measured on its valid pixels (test-time adaptation to a new flight or site).",
+        "scene",
+        description="Normalise each scene with its own per-band percentile statistics, measured on its valid "
+        "pixels (test-time adaptation to a new flight or site; measured best on and off the training site), "
+        "or with the training statistics.",
     )
     adapt_bn: bool = Field(
         False, description="Re-estimate the backbone's BatchNorm statistics on the scene before predicting (AdaBN)."

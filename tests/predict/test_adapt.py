@@ -14,7 +14,7 @@ from pipeline.data.stats import percentile_stats
 from pipeline.errors import SatdetError
 from pipeline.predict.adapt import FlipTTA, SceneAdapter, load_for_predict, scene_detector, scene_stats
 from pipeline.predict.merge import weighted_box_fusion
-from pipeline.predict.scene import predict_region
+from pipeline.predict.scene import load_detector, predict_region
 
 from .fakes import BrightSquareDetector, write_scene
 
@@ -52,6 +52,12 @@ def _sha(folder) -> str:
             h.update(p.name.encode())
             h.update(p.read_bytes())
     return h.hexdigest()
+
+
+def _adapter(export) -> SceneAdapter:
+    adapter = load_for_predict(export, PredictConfig(adapt_bn=True))
+    assert isinstance(adapter, SceneAdapter)
+    return adapter
 
 
 def _rows(dets) -> np.ndarray:
@@ -94,10 +100,10 @@ def test_scene_stats_of_an_all_nodata_scene_is_a_clear_error(tmp_path):
 def test_keras_detector_reproduces_the_savedmodel_with_training_statistics(tmp_path):
     export = _export(tmp_path, "tiny", _stats("uint8", [5.0] * 3, [250.0] * 3, [100.0] * 3, [40.0] * 3))
     scene = write_scene(tmp_path / "s.tif", 150, 110, [(10, 10, 30, 30), (70, 40, 95, 60)])
-    cfg = PredictConfig(score_threshold=0.0, overlap=16)
+    cfg = PredictConfig(score_threshold=0.0, overlap=16, normalize="train")
     plain = predict_region(load_for_predict(export, cfg), scene, cfg)
     assert not isinstance(load_for_predict(export, cfg), SceneAdapter)  # no adaptation: the SavedModel
-    adapter = SceneAdapter(export)
+    adapter = _adapter(export)
     keras_dets = predict_region(adapter.for_scene(scene, cfg), scene, cfg)
     assert len(plain) > 0 and len(keras_dets) == len(plain)
     np.testing.assert_allclose(keras_dets.boxes, plain.boxes, atol=1e-3)
@@ -112,16 +118,29 @@ def test_scene_normalisation_makes_detections_blind_to_a_scene_wide_brightness_c
     img[:, 20:50, 30:60] += 400
     dim = _write(tmp_path / "dim.tif", img)
     bright = _write(tmp_path / "bright.tif", (img * 1.7 + 250).astype(np.float32))
-    adapter = SceneAdapter(export)
     scene_cfg = PredictConfig(score_threshold=0.0, normalize="scene")
-    a = predict_region(adapter.for_scene(dim, scene_cfg), dim, scene_cfg)
-    b = predict_region(adapter.for_scene(bright, scene_cfg), bright, scene_cfg)
+    base = load_for_predict(export, scene_cfg)  # the export's Keras model, normalising with scene statistics
+    assert isinstance(base, SceneAdapter)
+    a = predict_region(scene_detector(base, dim, scene_cfg), dim, scene_cfg)
+    b = predict_region(scene_detector(base, bright, scene_cfg), bright, scene_cfg)
     assert len(a) > 0 and len(a) == len(b)
     rows_a, rows_b = _rows(a), _rows(b)  # order-free: equal scores may come out in either order
     np.testing.assert_allclose(rows_a, rows_b, atol=0.05)
-    train_cfg = PredictConfig(score_threshold=0.0)  # with the training statistics the shift shows
-    c = predict_region(adapter.for_scene(bright, train_cfg), bright, train_cfg)
+    train_cfg = PredictConfig(score_threshold=0.0, normalize="train")  # the training statistics: the shift shows
+    c = predict_region(scene_detector(base, bright, train_cfg), bright, train_cfg)
     assert len(c) != len(a) or not np.allclose(c.scores, a.scores, atol=1e-3)
+    # any raw-pixel detector (here the SavedModel itself): the pixels are moved onto the training stretch
+    saved = load_detector(export)
+    d = predict_region(scene_detector(saved, bright, scene_cfg), bright, scene_cfg)
+    np.testing.assert_allclose(_rows(d), rows_a, atol=0.05)
+
+
+def test_adaptation_of_an_export_without_keras_weights(tmp_path):
+    export = _export(tmp_path, "tiny", _stats("uint8", [5.0] * 3, [250.0] * 3, [100.0] * 3, [40.0] * 3))
+    (export / "model.weights.h5").unlink()
+    assert not isinstance(load_for_predict(export, PredictConfig(normalize="scene")), SceneAdapter)
+    with pytest.raises(SatdetError, match="adapt_bn needs the export's Keras weights"):
+        load_for_predict(export, PredictConfig(adapt_bn=True))
 
 
 # --------------------------------------------------------------------------------------------- AdaBN
@@ -137,10 +156,10 @@ def test_adabn_sets_batchnorm_statistics_to_the_scene_windows_and_restores_them(
     before = _sha(bn_export)
     img = np.random.default_rng(3).integers(150, 256, (3, TILE, TILE), dtype=np.uint8)  # brighter than training
     scene = _write(tmp_path / "s.tif", img)
-    adapter = SceneAdapter(bn_export)
+    adapter = _adapter(bn_export)
     first = adapter._bn[0]
     saved_mean = first.moving_mean.numpy().copy()
-    cfg = PredictConfig(adapt_bn=True, score_threshold=0.0)
+    cfg = PredictConfig(adapt_bn=True, score_threshold=0.0, normalize="train")
     adapter.for_scene(scene, cfg)
     # The first BN layer's statistics are exactly those of its input over the scene's single window.
     probe = keras.Model(adapter.model.backbone.input, first.input)
@@ -150,7 +169,7 @@ def test_adabn_sets_batchnorm_statistics_to_the_scene_windows_and_restores_them(
     np.testing.assert_allclose(first.moving_mean.numpy(), feats.mean(0), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(first.moving_variance.numpy(), feats.var(0), rtol=1e-3, atol=1e-4)
     assert not np.allclose(first.moving_mean.numpy(), saved_mean)
-    adapter.for_scene(scene, PredictConfig())  # no AdaBN for the next scene: the trained statistics are back
+    adapter.for_scene(scene, PredictConfig(normalize="train"))  # no AdaBN for the next scene: the trained statistics are back
     np.testing.assert_array_equal(first.moving_mean.numpy(), saved_mean)
     assert _sha(bn_export) == before  # the export on disk is never touched
 
@@ -160,8 +179,8 @@ def test_adabn_averages_batch_statistics_over_all_windows(tmp_path, bn_export):
     img = rng.integers(0, 256, (3, TILE, 3 * TILE), dtype=np.uint8)
     img[:, :, :TILE] //= 4  # one dark window, two bright ones
     scene = _write(tmp_path / "s.tif", img)
-    adapter = SceneAdapter(bn_export)
-    cfg = PredictConfig(adapt_bn=True, overlap=0, batch_size=2)  # batches of 2 and 1 windows
+    adapter = _adapter(bn_export)
+    cfg = PredictConfig(adapt_bn=True, overlap=0, batch_size=2, normalize="train")  # batches of 2 and 1 windows
     stats = adapter.info["stats"]
     seen = adapter.adapt_bn(scene, [1, 2, 3], stats, cfg)
     assert seen == 3
@@ -178,7 +197,7 @@ def test_adabn_averages_batch_statistics_over_all_windows(tmp_path, bn_export):
 def test_flip_tta_finds_the_same_boxes_and_averages_scores_over_views(tmp_path):
     squares = [(5, 8, 20, 30), (33, 40, 60, 55)]
     scene = write_scene(tmp_path / "s.tif", 64, 64, squares)
-    cfg = PredictConfig(score_threshold=0.0, tta=True)
+    cfg = PredictConfig(score_threshold=0.0, tta=True, normalize="train")
     base = BrightSquareDetector(tile_size=64)
     plain = predict_region(base, scene, PredictConfig(score_threshold=0.0))
     flipped = predict_region(scene_detector(base, scene, cfg), scene, cfg)
