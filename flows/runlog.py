@@ -94,6 +94,8 @@ def _duration(seconds: float) -> str:
 def progress_line(record: dict[str, Any], total_steps: int) -> str:
     """One line per telemetry record: step/total, loss, img/s, clip fraction (this window and overall), LR, ETA."""
     step = int(record.get("step", 0))
+    if "val_ap50" in record and "loss" not in record:  # a validation record, not a training step
+        return f"validation at step {step}: AP50 {record['val_ap50']:.3f}"
     total = int(record.get("schedule_steps") or total_steps or 0)
     parts = [f"train step {step}/{total}" if total else f"train step {step}"]
     loss = record.get("loss")

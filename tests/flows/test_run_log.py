@@ -105,6 +105,7 @@ def test_time_limit_defaults_from_the_training_time_budget():
 
 def test_progress_line_and_tail(tmp_path):
     assert progress_line({"step": 10, "loss": float("nan")}, 100) == "train step 10/100  loss nan"
+    assert progress_line({"step": 4, "val_ap50": 0.25}, 4) == "validation at step 4: AP50 0.250"
     assert progress_line({"step": 50, "loss": 1.0, "steps_per_s": 0.5, "schedule_steps": 80}, 100).endswith(
         "ETA 1m00s")
     log = tmp_path / "train_log.jsonl"
