@@ -332,6 +332,9 @@ def _prefect_env() -> None:
     # The temporary local server's usage telemetry fights the flow for its SQLite file ("database is
     # locked" tracebacks in the middle of a run) and phones home; off unless the user turns it on.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The temporary server's first start creates its database; on a busy 2-core machine that took more
+    # than Prefect's 20 s limit (make demo failed with "Timed out while attempting to connect").
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 @app.command("run")
