@@ -244,7 +244,7 @@ class FiniteCheckingDetector(BrightSquareDetector):
 
 # (case, model dtype, exit status, message regex)
 PREDICT_MATRIX = [
-    ("truncated_tiled", "uint8", 2, (r"scene\.tif: pixel read failed at window col \d+, row \d+, 64x64 px "
+    ("truncated_tiled", "uint8", 2, (r"scene\.tif: pixel read failed at window col \d+, row \d+, \d+x\d+ px "
                                      r"\(.*\); the file is corrupt or cut short .*gdalinfo -checksum")),
     ("truncated_striped", "uint8", 2, r"scene\.tif: pixel read failed at window col \d+, row \d+"),
     ("non_raster", "uint8", 2, r"scene\.tif: not a readable raster"),

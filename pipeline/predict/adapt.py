@@ -65,7 +65,7 @@ def scene_stats(scene: str | Path, bands: list[int], percentiles: tuple[float, f
     from rasterio.windows import Window
 
     from pipeline.data.stats import percentile_stats
-    from pipeline.geo.raster import nodata_mask, open_raster
+    from pipeline.geo.raster import nodata_mask, open_raster, read_window
 
     rng = np.random.default_rng(seed)
     with open_raster(scene) as ds:
@@ -74,7 +74,7 @@ def scene_stats(scene: str | Path, bands: list[int], percentiles: tuple[float, f
         picked: list[np.ndarray] = []
         for col, row, ww, hh in _sample_windows(w, h, block):
             win = Window(c0 + col, r0 + row, ww, hh)
-            data = ds.read(bands, window=win)
+            data = read_window(ds, win, bands)  # a read error names the file and the window
             mask = nodata_mask(ds, data, win, bands)
             pixels = data.reshape(len(bands), -1).T
             if mask is not None:
@@ -294,7 +294,7 @@ def scene_detector(base: Any, scene: str | Path, cfg: PredictConfig,
     if isinstance(base, SceneAdapter):
         return base.for_scene(scene, cfg, region)
     detector = base
-    if cfg.normalize == "scene" and "stats" not in base.info:
+    if cfg.normalize == "scene" and not _has_stats(base.info):
         log.warning("the model carries no normalisation statistics; %s is predicted without scene normalisation",
                     scene)
     elif cfg.normalize == "scene":
@@ -307,6 +307,11 @@ def scene_detector(base: Any, scene: str | Path, cfg: PredictConfig,
         detector = SceneNormalized(base, {**stats, **scene_stats(
             scene, bands, tuple(stats.get("percentiles") or (1.0, 99.0)), region=region)})
     return FlipTTA(detector, cfg.merge_iou) if cfg.tta else detector
+
+
+def _has_stats(info: dict[str, Any]) -> bool:
+    stats = info.get("stats") or {}
+    return all(k in stats for k in ("low", "high", "mean", "std"))
 
 
 def load_for_predict(export_dir: str | Path, cfg: PredictConfig) -> Any:

@@ -130,8 +130,12 @@ def test_kill9_then_resume_matches_uninterrupted_run(tmp_path, run):
 
     a, b = np.load(resumed / "final.npz"), np.load(reference / "final.npz")
     assert len(a.files) == len(b.files) > 0
+    # The real detector's multi-threaded CPU kernels sum in a varying order (two processes on a busy
+    # machine measured up to 5e-5 apart after a few steps); a wrong batch, RNG state or optimizer slot
+    # after the resume moves weights by lr * gradient, orders of magnitude more.
+    rtol, atol = (1e-3, 1e-4) if run == "detector" else (1e-5, 1e-6)
     for key in a.files:
-        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a[key], b[key], rtol=rtol, atol=atol)
     log_a, log_b = read_log(resumed), read_log(reference)
     assert [r["step"] for r in log_a] == [r["step"] for r in log_b] == logged
     keys = ["loss", "grad_norm_before", "clip_threshold", "lr", "clip_fraction_total"]
@@ -142,4 +146,4 @@ def test_kill9_then_resume_matches_uninterrupted_run(tmp_path, run):
             if rb[key] is None:  # an infinite threshold (autoclip's warmup) is logged as null
                 assert ra[key] is None, (ra["step"], key)
             else:
-                assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-7), (ra["step"], key)
+                assert ra[key] == pytest.approx(rb[key], rel=rtol, abs=atol / 10), (ra["step"], key)
