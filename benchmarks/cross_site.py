@@ -25,13 +25,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = {
-    "plain": {},
-    "scene_norm": {"normalize": "scene"},
-    "adabn": {"adapt_bn": True},
-    "scene_norm+adabn": {"normalize": "scene", "adapt_bn": True},
-    "tta": {"tta": True},
-    "scene_norm+tta": {"normalize": "scene", "tta": True},
+VARIANTS = {  # every option explicit: the defaults may change (predict.normalize is "scene" by default)
+    "train_stats": {"normalize": "train", "adapt_bn": False, "tta": False},
+    "scene_norm": {"normalize": "scene", "adapt_bn": False, "tta": False},
+    "adabn": {"normalize": "train", "adapt_bn": True, "tta": False},
+    "scene_norm+adabn": {"normalize": "scene", "adapt_bn": True, "tta": False},
+    "tta": {"normalize": "train", "adapt_bn": False, "tta": True},
+    "scene_norm+tta": {"normalize": "scene", "adapt_bn": False, "tta": True},
     "scene_norm+adabn+tta": {"normalize": "scene", "adapt_bn": True, "tta": True},
 }
 
