@@ -7,15 +7,14 @@ import hashlib
 import json
 from pathlib import Path
 
+import distributed
+import prefect_dask  # noqa: F401
 import pytest
 from flowkit import fake_evaluation, fake_training, tiny_config, write_config
 
 import pipeline.evaluate.run as eval_stage
 import pipeline.train.loop as train_stage
 from flows import training
-
-pytest.importorskip("prefect_dask")
-distributed = pytest.importorskip("distributed")
 
 
 @pytest.fixture(scope="module")

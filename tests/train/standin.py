@@ -7,6 +7,9 @@ a smooth function of the weights that training can lower; `synthetic_dataset` yi
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -104,11 +107,28 @@ def tiny_config(
     return cfg
 
 
+
+def _hanging_after(make: Callable[[], tf.data.Dataset], slow_after: int) -> Callable[[int], tf.data.Dataset]:
+    """data(start) for fit: the dataset from `start`, whose input hangs from batch `slow_after` on (< 0: never),
+    so a test can kill the process in the middle of training."""
+
+    def hang(i):
+        if i >= slow_after:
+            time.sleep(3600)  # the test may start this process long before it kills it
+        return i
+
+    def data(start: int) -> tf.data.Dataset:
+        ds = make()
+        if slow_after >= 0:
+            ds = ds.enumerate().map(lambda i, b: (tf.numpy_function(hang, [i], tf.int64), b)[1])
+        return ds.skip(start)
+
+    return data
+
 def resume_run(model_dir: str, resume: bool, slow_after: int = -1) -> list[np.ndarray]:
     """The run of the kill-and-resume test: momentum SGD, cosine LR with warmup, autoclip (stateful) and
     input noise from the checkpointed generator. With slow_after >= 0 the input pipeline hangs from that
     batch on, so a process running it is reliably still alive when it gets killed."""
-    import time
 
     from pipeline.train.loop import fit
 
@@ -117,16 +137,7 @@ def resume_run(model_dir: str, resume: bool, slow_after: int = -1) -> list[np.nd
     )
     cfg.train.checkpoint_every = 10
 
-    def hang(i):
-        if i >= slow_after:
-            time.sleep(3600)  # the test may start this process long before it kills it
-        return i
-
-    def data(start: int) -> tf.data.Dataset:
-        ds = synthetic_dataset(batch=4, n=24, seed=1)
-        if slow_after >= 0:
-            ds = ds.enumerate().map(lambda i, b: (tf.numpy_function(hang, [i], tf.int64), b)[1])
-        return ds.skip(start)
+    data = _hanging_after(lambda: synthetic_dataset(batch=4, n=24, seed=1), slow_after)
 
     model = build_model(0, noise=0.05)
     fit(model, data, cfg, model_dir, resume=resume, progress=False)
@@ -207,7 +218,6 @@ def detector_resume_run(model_dir: str, resume: bool, slow_after: int = -1) -> l
     """`resume_run` with the real FasterRCNN (tiny backbone, 64 px): 8 steps of momentum SGD with warmup
     and cosine decay, autoclip, checkpoints at steps 4 and 8. Its sampling RNG is a model variable (the
     seed generator), so a resumed run draws the same anchors and ROIs as an uninterrupted one."""
-    import time
 
     from pipeline.model.detector import build_detector
     from pipeline.train.loop import fit
@@ -219,16 +229,7 @@ def detector_resume_run(model_dir: str, resume: bool, slow_after: int = -1) -> l
     cfg.model = detector_config("tiny")
     cfg.classes = ["bright", "dim"]
 
-    def hang(i):
-        if i >= slow_after:
-            time.sleep(3600)
-        return i
-
-    def data(start: int) -> tf.data.Dataset:
-        ds = detector_dataset(batch=2, n=8, seed=1)
-        if slow_after >= 0:
-            ds = ds.enumerate().map(lambda i, b: (tf.numpy_function(hang, [i], tf.int64), b)[1])
-        return ds.skip(start)
+    data = _hanging_after(lambda: detector_dataset(batch=2, n=8, seed=1), slow_after)
 
     keras.utils.set_random_seed(0)
     model = build_detector(cfg.model, len(cfg.classes), CHANNELS)
