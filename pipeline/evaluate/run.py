@@ -167,7 +167,6 @@ def run_evaluation(config: Config, model_dir: Path, tiles_dir: Path, out_dir: Pa
     from pipeline.evaluate.plots import plot_examples, plot_pr_curves
     from pipeline.evaluate.report import write_report
     from pipeline.predict.adapt import SceneAdapter, load_for_predict
-    from pipeline.predict.export import write_detections
     from pipeline.predict.scene import output_threshold, resolve_export_dir
 
     model_dir, tiles_dir, out_dir = Path(model_dir), Path(tiles_dir), Path(out_dir)
@@ -192,18 +191,7 @@ def run_evaluation(config: Config, model_dir: Path, tiles_dir: Path, out_dir: Pa
 
     out_dir.mkdir(parents=True, exist_ok=True)
     thr = config.predict.score_threshold
-    shown = []
-    for b in blocks:
-        d = b.detections
-        keep = d.scores >= thr
-        shown.append(type(d)(**{**d.__dict__, "boxes": d.boxes[keep], "scores": d.scores[keep],
-                                "labels": d.labels[keep]}))
-    if shown and all(s.crs for s in shown):
-        write_detections(shown, out_dir / "detections.geojson", "geojson")
-    else:
-        from pipeline.files import atomic_write_text
-
-        atomic_write_text(out_dir / "detections.geojson", '{"type": "FeatureCollection", "features": []}\n')
+    _write_detections_above(blocks, thr, out_dir / "detections.geojson")
 
     metrics = {
         "split": config.evaluate.split,
@@ -223,6 +211,23 @@ def run_evaluation(config: Config, model_dir: Path, tiles_dir: Path, out_dir: Pa
     plot_examples(blocks, config, out_dir / "examples.png", score_threshold=_example_threshold(scene, thr))
     write_report(metrics, config, out_dir / "report.md")
     return out_dir
+
+
+def _write_detections_above(blocks: list[BlockResult], threshold: float, path: Path) -> None:
+    """The scene-level detections scoring >= `threshold` as EPSG:4326 GeoJSON (empty without a CRS)."""
+    from pipeline.files import atomic_write_text
+    from pipeline.predict.export import write_detections
+
+    shown = []
+    for b in blocks:
+        d = b.detections
+        keep = d.scores >= threshold
+        shown.append(type(d)(**{**d.__dict__, "boxes": d.boxes[keep], "scores": d.scores[keep],
+                                "labels": d.labels[keep]}))
+    if shown and all(s.crs for s in shown):
+        write_detections(shown, path, "geojson")
+    else:
+        atomic_write_text(path, '{"type": "FeatureCollection", "features": []}\n')
 
 
 def scene_summary(m: dict[str, Any]) -> dict[str, Any]:

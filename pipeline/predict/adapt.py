@@ -146,16 +146,8 @@ class SceneAdapter:
     def for_scene(self, scene: str | Path, cfg: PredictConfig, region: tuple[int, int, int, int] | None = None
                   ) -> Any:
         """A Detector for `scene` (or `region` of it) with the adaptations `cfg` asks for."""
-        from pipeline.geo.raster import open_raster
-        from pipeline.predict.scene import check_scene
-
-        stats = self.info["stats"]
-        if cfg.normalize == "scene" or cfg.adapt_bn:
-            with open_raster(scene) as ds:
-                bands = check_scene(ds, scene, self.info)
-        if cfg.normalize == "scene":
-            stats = {**stats, **scene_stats(scene, bands, tuple(stats.get("percentiles") or (1.0, 99.0)),
-                                            region=region)}
+        bands = scene_bands(scene, self.info)
+        stats = scene_normalisation(scene, bands, self.info, region) if cfg.normalize == "scene" else self.info["stats"]
         self.restore_bn()
         if cfg.adapt_bn:
             self.adapt_bn(scene, bands, stats, cfg, region)
@@ -287,6 +279,23 @@ def keras_weights(detector: Any) -> Path | None:
     return weights if weights is not None and weights.is_file() else None
 
 
+def scene_bands(scene: str | Path, info: dict[str, Any]) -> list[int]:
+    """The scene's bands the model reads, after checking band count and dtype against the model."""
+    from pipeline.geo.raster import open_raster
+    from pipeline.predict.scene import check_scene
+
+    with open_raster(scene) as ds:
+        return check_scene(ds, scene, info)
+
+
+def scene_normalisation(scene: str | Path, bands: list[int], info: dict[str, Any],
+                        region: tuple[int, int, int, int] | None = None) -> dict[str, Any]:
+    """The model's statistics with the per-band numbers of `scene` (or `region`), same percentiles."""
+    stats = info["stats"]
+    percentiles = tuple(stats.get("percentiles") or (1.0, 99.0))
+    return {**stats, **scene_stats(scene, bands, percentiles, region=region)}
+
+
 def scene_detector(base: Any, scene: str | Path, cfg: PredictConfig,
                    region: tuple[int, int, int, int] | None = None) -> Any:
     """The Detector to predict `scene` (or `region` of it) with: `base` (any Detector, or a SceneAdapter
@@ -298,14 +307,7 @@ def scene_detector(base: Any, scene: str | Path, cfg: PredictConfig,
         log.warning("the model carries no normalisation statistics; %s is predicted without scene normalisation",
                     scene)
     elif cfg.normalize == "scene":
-        from pipeline.geo.raster import open_raster
-        from pipeline.predict.scene import check_scene
-
-        with open_raster(scene) as ds:
-            bands = check_scene(ds, scene, base.info)
-        stats = base.info["stats"]
-        detector = SceneNormalized(base, {**stats, **scene_stats(
-            scene, bands, tuple(stats.get("percentiles") or (1.0, 99.0)), region=region)})
+        detector = SceneNormalized(base, scene_normalisation(scene, scene_bands(scene, base.info), base.info, region))
     return FlipTTA(detector, cfg.merge_iou) if cfg.tta else detector
 
 

@@ -314,6 +314,20 @@ def _window_boxes(out: dict[str, np.ndarray], n: int, mask: np.ndarray, w: _Wind
     return boxes, scores, labels, _in_strip(boxes, w)
 
 
+def _stitch(kept: list[tuple[np.ndarray, ...]], seam: list[tuple[np.ndarray, ...]], cfg: PredictConfig
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All windows' boxes, scores and labels: those away from the strips as they are, the strip ones merged."""
+
+    def cat(parts: list[tuple[np.ndarray, ...]], i: int, shape: tuple[int, ...]) -> np.ndarray:
+        return np.concatenate([p[i] for p in parts]) if parts else np.zeros(shape)
+
+    sb, ss, sl = merge_boxes(cat(seam, 0, (0, 4)), cat(seam, 1, (0,)), cat(seam, 2, (0,)),
+                             cfg.merge, cfg.merge_iou)
+    boxes = np.concatenate([cat(kept, 0, (0, 4)), sb])
+    scores = np.concatenate([cat(kept, 1, (0,)), ss])
+    return boxes, scores, np.concatenate([cat(kept, 2, (0,)), sl]).astype(np.int64)
+
+
 # --------------------------------------------------------------------------------------------- public
 def predict_region(
     detector: Detector,
@@ -361,14 +375,7 @@ def predict_region(
         if progress is not None:
             progress(done, len(windows), rw * rh * done / len(windows))
 
-    def cat(parts: list[tuple[np.ndarray, ...]], i: int, shape: tuple[int, ...]) -> np.ndarray:
-        return np.concatenate([p[i] for p in parts]) if parts else np.zeros(shape)
-
-    sb, ss, sl = merge_boxes(cat(seam, 0, (0, 4)), cat(seam, 1, (0,)), cat(seam, 2, (0,)),
-                             cfg.merge, cfg.merge_iou)
-    boxes = np.concatenate([cat(kept, 0, (0, 4)), sb])
-    scores = np.concatenate([cat(kept, 1, (0,)), ss])
-    labels = np.concatenate([cat(kept, 2, (0,)), sl]).astype(np.int64)
+    boxes, scores, labels = _stitch(kept, seam, cfg)
     order = np.argsort(-scores, kind="stable")
     return SceneDetections(
         scene=Path(str(scene)).stem, path=str(scene), boxes=boxes[order], scores=scores[order],
