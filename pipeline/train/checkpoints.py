@@ -27,8 +27,8 @@ import tensorflow as tf
 
 from pipeline.errors import SatdetError
 from pipeline.files import atomic_write_json
+from pipeline.train.variables import state_variable
 
-_ONE = {"trainable": False, "aggregation": tf.VariableAggregation.ONLY_FIRST_REPLICA}
 log = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "fingerprint.json"
@@ -47,10 +47,10 @@ class RunState(tf.Module):
 
     def __init__(self, seed: int):
         super().__init__(name="run_state")
-        self.step = tf.Variable(tf.constant(0, tf.int64), name="step", **_ONE)
-        self.data_position = tf.Variable(tf.constant(0, tf.int64), name="data_position", **_ONE)
-        self.best_ap50 = tf.Variable(-1.0, name="best_ap50", **_ONE)
-        self.evals_since_best = tf.Variable(tf.constant(0, tf.int64), name="evals_since_best", **_ONE)
+        self.step = state_variable(tf.constant(0, tf.int64), "step")
+        self.data_position = state_variable(tf.constant(0, tf.int64), "data_position")
+        self.best_ap50 = state_variable(-1.0, "best_ap50")
+        self.evals_since_best = state_variable(tf.constant(0, tf.int64), "evals_since_best")
         # The run's random generator, installed as TF's global generator so code drawing from
         # tf.random.get_global_generator() continues the same stream after a resume.
         self.rng = tf.random.Generator.from_seed(seed)

@@ -25,10 +25,7 @@ from typing import NamedTuple
 import tensorflow as tf
 
 from pipeline.config import ClipConfig
-
-# Clip-state variables are identical on every replica (they are computed from the all-reduced gradient),
-# so under MirroredStrategy a write from the first replica is the right aggregation.
-_STATE = {"trainable": False, "aggregation": tf.VariableAggregation.ONLY_FIRST_REPLICA}
+from pipeline.train.variables import state_variable
 
 
 class ClipStats(NamedTuple):
@@ -186,8 +183,8 @@ class AutoClip(ClipStrategy):
         self.percentile = float(percentile)
         self.size = int(history)
         self.warmup_steps = int(warmup_steps)
-        self.norms = tf.Variable(tf.zeros([self.size]), name="norms", **_STATE)
-        self.count = tf.Variable(tf.constant(0, tf.int64), name="count", **_STATE)
+        self.norms = state_variable(tf.zeros([self.size]), "norms")
+        self.count = state_variable(tf.constant(0, tf.int64), "count")
 
     def _percentile(self, buffer: tf.Tensor, n: tf.Tensor) -> tf.Tensor:
         """numpy-style linear-interpolated percentile of the first n valid entries (static shapes)."""
@@ -276,11 +273,11 @@ class ZClip(ClipStrategy):
         super().__init__(name="zclip")
         self.z_threshold, self.alpha = float(z_threshold), float(alpha)
         self.warmup_steps = max(int(warmup_steps), 1)  # at least one observation initialises the mean
-        self.mean = tf.Variable(0.0, name="mean", **_STATE)
-        self.var = tf.Variable(0.0, name="var", **_STATE)
-        self.count = tf.Variable(tf.constant(0, tf.int64), name="count", **_STATE)
-        self.sum = tf.Variable(0.0, name="warmup_sum", **_STATE)
-        self.sumsq = tf.Variable(0.0, name="warmup_sumsq", **_STATE)
+        self.mean = state_variable(0.0, "mean")
+        self.var = state_variable(0.0, "var")
+        self.count = state_variable(tf.constant(0, tf.int64), "count")
+        self.sum = state_variable(0.0, "warmup_sum")
+        self.sumsq = state_variable(0.0, "warmup_sumsq")
 
     def _clip(self, grads, variables, loss, norm):
         ok = tf.math.is_finite(norm) & tf.math.is_finite(loss)

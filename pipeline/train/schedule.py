@@ -11,8 +11,7 @@ import keras
 import tensorflow as tf
 
 from pipeline.config import ScheduleConfig
-
-_ONE = {"trainable": False, "aggregation": tf.VariableAggregation.ONLY_FIRST_REPLICA}
+from pipeline.train.variables import state_variable
 
 
 @keras.saving.register_keras_serializable(package="satdet")
@@ -112,8 +111,8 @@ class ScheduleLength(tf.Module):
 
     def __init__(self, steps: int):
         super().__init__(name="schedule_length")
-        self.steps = tf.Variable(tf.constant(int(steps), tf.int64), name="steps", **_ONE)
-        self.fitted = tf.Variable(False, name="fitted", **_ONE)
+        self.steps = state_variable(tf.constant(int(steps), tf.int64), "steps")
+        self.fitted = state_variable(False, "fitted")
 
     def value(self) -> int:
         return int(self.steps.numpy())
