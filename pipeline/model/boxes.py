@@ -107,13 +107,6 @@ class BoxCoder:
         return tf.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
 
 
-def resolve_nms_impl(impl: str) -> str:
-    """'auto' -> 'padded' when a GPU is visible (XLA is on there by default), else 'greedy' (CPU)."""
-    if impl != "auto":
-        return impl
-    return "padded" if tf.config.list_physical_devices("GPU") else "greedy"
-
-
 def batched_nms(
     boxes: tf.Tensor,
     scores: tf.Tensor,
@@ -133,8 +126,7 @@ def batched_nms(
         max_output: number of kept boxes per image (output is padded to this).
         impl: 'padded' — ``tf.image.non_max_suppression_padded``, batched pure TF ops meant for XLA
             (GPU/TPU); 'greedy' — the C++ ``tf.image.non_max_suppression`` kernel per image in a map_fn,
-            the natural CPU path (a few percent faster than padded in our CPU benchmark: NMS is not the
-            bottleneck there). Both keep the same boxes in the same order (tested).
+            the natural CPU path. Both keep the same boxes in the same order (tested; see kernels.py).
 
     Returns:
         ``(indices [B, max_output] int32 into N, sorted by score; valid [B] int32)``. Padding indices are 0.
@@ -147,20 +139,32 @@ def batched_nms(
     n = boxes.shape[1]
     max_output = min(int(max_output), int(n))
     if impl == "greedy":
-        def one(args: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-            b, s = args
-            keep = tf.image.non_max_suppression(b, s, max_output, iou_threshold, score_threshold)
-            count = tf.shape(keep)[0]
-            return tf.pad(keep, [[0, max_output - count]]), count
-
-        indices, valid = tf.map_fn(
-            one, (boxes, scores), parallel_iterations=None if tf.executing_eagerly() else 8,
-            fn_output_signature=(tf.TensorSpec([max_output], tf.int32), tf.TensorSpec([], tf.int32)),
-        )
-        return indices, valid
+        return _greedy_nms(boxes, scores, max_output, iou_threshold, score_threshold)
     if impl != "padded":
         raise ValueError(f"unknown NMS implementation {impl!r}; use 'padded' or 'greedy'")
-    # non_max_suppression_padded is batched, pure TF ops (compiles with XLA) and sorts by score itself.
+    return _padded_nms(boxes, scores, max_output, iou_threshold, score_threshold)
+
+
+def _greedy_nms(boxes: tf.Tensor, scores: tf.Tensor, max_output: int, iou_threshold: float,
+                score_threshold: float) -> tuple[tf.Tensor, tf.Tensor]:
+    """`batched_nms` with the C++ kernel, one image at a time."""
+    def one(args: tuple[tf.Tensor, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        b, s = args
+        keep = tf.image.non_max_suppression(b, s, max_output, iou_threshold, score_threshold)
+        count = tf.shape(keep)[0]
+        return tf.pad(keep, [[0, max_output - count]]), count
+
+    indices, valid = tf.map_fn(
+        one, (boxes, scores), parallel_iterations=None if tf.executing_eagerly() else 8,
+        fn_output_signature=(tf.TensorSpec([max_output], tf.int32), tf.TensorSpec([], tf.int32)),
+    )
+    return indices, valid
+
+
+def _padded_nms(boxes: tf.Tensor, scores: tf.Tensor, max_output: int, iou_threshold: float,
+                score_threshold: float) -> tuple[tf.Tensor, tf.Tensor]:
+    """`batched_nms` with non_max_suppression_padded: batched, pure TF ops (compiles with XLA), and it
+    sorts by score itself."""
     indices, valid = tf.image.non_max_suppression_padded(
         xyxy_to_yxyx(boxes),
         scores,

@@ -22,9 +22,12 @@ import tensorflow as tf
 from pipeline.config import ModelConfig
 from pipeline.model.anchors import multilevel_anchors, num_anchors_per_location
 from pipeline.model.backbone import build_backbone, is_pretrained
-from pipeline.model.boxes import BoxCoder, batched_nms, clip_boxes, resolve_nms_impl
+from pipeline.model.boxes import BoxCoder, batched_nms, clip_boxes
 from pipeline.model.fpn import FPN
-from pipeline.model.roi import BoxHead, resolve_roi_align_impl, roi_align, roi_loss, sample_rois
+from pipeline.model.kernels import resolve_kernel
+from pipeline.model.losses import LOSS_NAMES
+from pipeline.model.padding import pad_rows
+from pipeline.model.roi import BoxHead, roi_align, roi_loss, sample_rois
 from pipeline.model.rpn import (
     RPNHead,
     gt_valid_mask,
@@ -35,7 +38,6 @@ from pipeline.model.rpn import (
     sample_balanced,
 )
 
-LOSS_NAMES = ("rpn_objectness", "rpn_box", "roi_class", "roi_box")
 _SIZE_DIVISOR = 32  # the coarsest backbone stride
 _ROI_MAX_LEVEL = 5  # ROI heads pool from P2-P5 at most (P6 exists for large anchors only)
 
@@ -80,8 +82,8 @@ class FasterRCNN(keras.Model):
         self.num_anchors = num_anchors_per_location(cfg.aspect_ratios, cfg.anchor_scales_per_octave)
         self.rpn_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
         self.roi_coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
-        self.roi_align_impl = resolve_roi_align_impl(cfg.roi_align_impl)
-        self.nms_impl = resolve_nms_impl(cfg.nms_impl)
+        self.roi_align_impl = resolve_kernel("roi_align_impl", cfg.roi_align_impl)
+        self.nms_impl = resolve_kernel("nms_impl", cfg.nms_impl)
         backbone_top = min(cfg.max_level, _ROI_MAX_LEVEL)
         with _dtype_policy(cfg.mixed_precision):
             self.backbone = build_backbone(cfg.backbone, self.bands, cfg.weights, cfg.bn_momentum,
@@ -151,7 +153,7 @@ class FasterRCNN(keras.Model):
                            cfg.roi_positive_fraction, cfg.roi_fg_iou, self.seed_generator)
         cls_logits, box_deltas = self.box_head(self._roi_features(features, rois["boxes"]))
         roi_cls, roi_box = roi_loss(cls_logits, box_deltas, rois, self.roi_coder)
-        return {"rpn_objectness": rpn_obj, "rpn_box": rpn_box, "roi_class": roi_cls, "roi_box": roi_box}
+        return dict(zip(LOSS_NAMES, (rpn_obj, rpn_box, roi_cls, roi_box), strict=True))
 
     # ----------------------------------------------------------------------------------- inference
     def call(self, images: tf.Tensor, training: bool = False) -> dict[str, tf.Tensor]:
@@ -193,9 +195,7 @@ class FasterRCNN(keras.Model):
             "scores": tf.where(mask, tf.gather(scores, keep, batch_dims=1), 0.0),
             "classes": tf.where(mask, tf.gather(classes, keep, batch_dims=1), 0),
         }
-        pad = cfg.max_detections - keep.shape[1]
-        if pad > 0:
-            out = {key: tf.pad(v, [[0, 0], [0, pad]] + [[0, 0]] * (len(v.shape) - 2)) for key, v in out.items()}
+        out = {key: pad_rows(v, cfg.max_detections) for key, v in out.items()}
         out["num_detections"] = num
         return out
 
@@ -211,4 +211,4 @@ def build_detector(model_cfg: ModelConfig, num_classes: int, bands: int,
     return FasterRCNN(model_cfg, num_classes, bands, stats)
 
 
-__all__ = ["LOSS_NAMES", "FasterRCNN", "build_detector"]
+__all__ = ["FasterRCNN", "build_detector"]

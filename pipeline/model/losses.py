@@ -9,6 +9,8 @@ from __future__ import annotations
 import tensorflow as tf
 
 SMOOTH_L1_BETA = 1.0 / 9.0
+# The detector's loss terms, in the order FasterRCNN.compute_losses returns them.
+LOSS_NAMES = ("rpn_objectness", "rpn_box", "roi_class", "roi_box")
 
 
 def smooth_l1(diff: tf.Tensor, beta: float = SMOOTH_L1_BETA) -> tf.Tensor:

@@ -20,6 +20,7 @@ import tensorflow as tf
 
 from pipeline.model.boxes import BoxCoder
 from pipeline.model.losses import masked_sum, smooth_l1, softmax_cross_entropy
+from pipeline.model.padding import pad_rows
 from pipeline.model.rpn import gt_valid_mask, masked_iou, sample_balanced
 
 CANONICAL_SCALE = 224.0
@@ -72,10 +73,7 @@ def sample_rois(
     roi_labels = tf.where(tf.gather(positive, idx, batch_dims=1), tf.gather(class_ids, idx, batch_dims=1), 0)
     matched = tf.gather(tf.gather(gt_boxes, best_gt, batch_dims=1), idx, batch_dims=1)
     out = {"boxes": tf.gather(candidates, idx, batch_dims=1), "labels": roi_labels, "matched": matched, "valid": valid}
-    pad = num_samples - idx.shape[1]
-    if pad > 0:  # fewer candidates than samples (tiny images): pad with invalid ROIs
-        out = {k: tf.pad(v, [[0, 0], [0, pad]] + [[0, 0]] * (len(v.shape) - 2)) for k, v in out.items()}
-    return out
+    return {k: pad_rows(v, num_samples) for k, v in out.items()}  # padding ROIs are invalid
 
 
 def _canvas(features: list[tf.Tensor]) -> tuple[tf.Tensor, list[int]]:
@@ -165,13 +163,6 @@ def _bilinear_gather(
     top = at(y_lo, x_lo) * (1.0 - wx) + at(y_lo, x_lo + 1) * wx
     bottom = at(y_lo + 1, x_lo) * (1.0 - wx) + at(y_lo + 1, x_lo + 1) * wx
     return top * (1.0 - wy) + bottom * wy
-
-
-def resolve_roi_align_impl(impl: str) -> str:
-    """'auto' -> 'gather' when a GPU is visible (XLA is on there by default), else 'crop_and_resize'."""
-    if impl != "auto":
-        return impl
-    return "gather" if tf.config.list_physical_devices("GPU") else "crop_and_resize"
 
 
 class BoxHead(keras.layers.Layer):

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from pipeline.model.boxes import BoxCoder, batched_nms, clip_boxes, pairwise_iou
 from pipeline.model.losses import binary_cross_entropy, masked_sum, smooth_l1
+from pipeline.model.padding import pad_rows
 
 
 class RPNHead(keras.layers.Layer):
@@ -162,10 +163,6 @@ def propose(
     scores = tf.where(big_enough, scores, -1e9)
     keep, num = batched_nms(boxes, scores, tf.concat(levels_l, axis=1), post_nms_top_n, nms_iou,
                             score_threshold=-1e8, impl=nms_impl)
-    out = tf.gather(boxes, keep, batch_dims=1)
-    valid = tf.range(keep.shape[1])[None, :] < num[:, None]
-    pad = post_nms_top_n - keep.shape[1]
-    if pad > 0:  # fewer candidates than requested (tiny images): pad to the static size
-        out = tf.pad(out, [[0, 0], [0, pad], [0, 0]])
-        valid = tf.pad(valid, [[0, 0], [0, pad]])
+    out = pad_rows(tf.gather(boxes, keep, batch_dims=1), post_nms_top_n)
+    valid = pad_rows(tf.range(keep.shape[1])[None, :] < num[:, None], post_nms_top_n)
     return tf.where(valid[..., None], out, 0.0), valid

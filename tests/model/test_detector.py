@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.model.detector import LOSS_NAMES, FasterRCNN, build_detector
+from pipeline.model.detector import FasterRCNN, build_detector
+from pipeline.model.losses import LOSS_NAMES
 
 
 def _step(model, optimizer, jit):
