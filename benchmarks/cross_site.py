@@ -64,7 +64,7 @@ def main() -> None:
     from pipeline.config import load_config, save_config
     from pipeline.evaluate.run import run_evaluation
     from pipeline.geo.tiling import run_tiling
-    from pipeline.train.loop import run_training
+    from pipeline.train.run import run_training
 
     cfg = load_config(args.config, [f"runs_dir={args.runs_dir}", *args.set])
     run_dir = cfg.run_dir

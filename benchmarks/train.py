@@ -46,8 +46,8 @@ def main() -> None:
     from pipeline.config import Config
     from pipeline.model.detector import build_detector
     from pipeline.train.clipping import build_clipper
-    from pipeline.train.loop import build_variables, make_train_step
     from pipeline.train.optim import build_optimizer
+    from pipeline.train.step import TrainStep, build_variables
 
     cfg = Config()
     cfg.model.backbone = args.backbone
@@ -71,7 +71,7 @@ def main() -> None:
         model = build_detector(cfg.model, 1, 3)
         build_variables(model, spec)
         clippers[name] = build_clipper(cfg.train.clip)
-        steps[name] = make_train_step(model, build_optimizer(cfg.train.optimizer, 0.001), clippers[name])
+        steps[name] = TrainStep(model, build_optimizer(cfg.train.optimizer, 0.001), clippers[name])
         for _ in range(args.warmup):
             steps[name](images, targets)["loss"].numpy()
     times: dict[str, list[float]] = {n: [] for n in names}

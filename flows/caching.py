@@ -33,7 +33,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "tile-scene": ("pipeline.geo.tiling",),
     "finalize-tiling": ("pipeline.geo.tiling",),
     "build-dataset": ("pipeline.data.dataset",),
-    "train": ("pipeline.train.loop",),
+    "train": ("pipeline.train.run",),
     "evaluate": ("pipeline.evaluate.run",),
     "predict-scenes": ("pipeline.predict.scene", "pipeline.predict.adapt", "pipeline.predict.export"),
 }

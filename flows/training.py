@@ -162,7 +162,7 @@ def train(config: Config, tiles_dir: Path, model_dir: Path, progress_id: Any = N
     Holds the run folder (model_dir's parent) while it trains; logs the trainer's telemetry (one line per
     `train.log_every` steps: step, loss, img/s, clip fraction, LR, ETA) to the run's Prefect log."""
     import_tensorflow()  # quietly, also when a Prefect worker (not the CLI) runs the flow
-    from pipeline.train import loop
+    from pipeline.train import run
 
     logger = run_logger()
     model_dir = Path(model_dir)
@@ -176,7 +176,7 @@ def train(config: Config, tiles_dir: Path, model_dir: Path, progress_id: Any = N
 
     with (run_folder_lock(model_dir.parent, logger), pipeline_logs_to_run(),
           follow_training(model_dir, config.train.steps, logger, on_step)):
-        return Path(loop.run_training(config, Path(tiles_dir), model_dir))
+        return Path(run.run_training(config, Path(tiles_dir), model_dir))
 
 
 @task(

@@ -199,8 +199,8 @@ def train_cmd(
             f"{model_dir}: already holds checkpoints; pass --resume to continue, or remove the folder to start over"
         )
     save_config(cfg, cfg.run_dir / "config.yaml")
-    import_tensorflow()  # before pipeline.train.loop, which imports TensorFlow at module level
-    from pipeline.train.loop import run_training
+    import_tensorflow()  # before pipeline.train.run, which imports TensorFlow at module level
+    from pipeline.train.run import run_training
 
     out = run_training(cfg, tiles, model_dir, resume=resume)
     typer.echo(f"model: {out}")

@@ -45,7 +45,8 @@ def train_run(config: Config, tiles_dir: Path, model_dir: Path) -> dict[str, Any
 
     from pipeline.data.dataset import build_dataset, explain_data_error
     from pipeline.data.stats import load_stats
-    from pipeline.train.loop import build_for_training, fit
+    from pipeline.train.fit import fit
+    from pipeline.train.run import build_for_training
     from pipeline.train.validation import make_predict_fn, validation_ap50
 
     stats = load_stats(tiles_dir)

@@ -69,4 +69,21 @@ def validation_metrics(
     return coco_metrics(gts, dets, class_names, max_dets=max_dets)
 
 
-__all__ = ["output_threshold", "validation_ap50", "validation_metrics"]
+class Validation:
+    """A val split scored during training (AP50: the best checkpoint, early stopping) and after it (the
+    output threshold), with one traced inference function for all of it."""
+
+    def __init__(self, model: keras.Model, dataset: tf.data.Dataset, class_names: list[str], max_dets: int):
+        self.dataset, self.class_names, self.max_dets = dataset, class_names, max_dets
+        self.predict_fn = make_predict_fn(model)
+
+    def ap50(self, model: keras.Model) -> float:
+        return validation_ap50(model, self.dataset, self.class_names, self.max_dets, predict_fn=self.predict_fn)
+
+    def output_threshold(self, model: keras.Model) -> dict[str, Any] | None:
+        """`output_threshold` of the model's validation metrics."""
+        metrics = validation_metrics(model, self.dataset, self.class_names, self.max_dets, self.predict_fn)
+        return output_threshold(metrics)
+
+
+__all__ = ["Validation", "make_predict_fn", "output_threshold", "validation_ap50", "validation_metrics"]

@@ -12,7 +12,7 @@ from pipeline.config import config_from_dict
 from pipeline.evaluate.run import run_evaluation
 from pipeline.geo.synth import make_scene
 from pipeline.geo.tiling import run_tiling
-from pipeline.train.loop import run_training
+from pipeline.train.run import run_training
 
 CLASSES = ["crown", "roof"]
 # AP50 on the 256 px test scene (18 objects). Untrained (one step at lr 1e-6): scene 0.000-0.006, tile

@@ -77,8 +77,8 @@ def upgraded(monkeypatch: pytest.MonkeyPatch):
 def test_stage_closures_follow_imports_including_ones_inside_functions():
     closure = {st: set(module_closure(mods, PIPELINE_DIR)) for st, mods in caching.STAGE_MODULES.items()}
     assert {"pipeline.geo.tiling", "pipeline.geo.plan", "pipeline.config", "pipeline"} <= closure["tile-scene"]
-    assert "pipeline.train.loop" not in closure["tile-scene"]
-    assert {"pipeline.train.loop", "pipeline.model.detector", "pipeline.train.clipping"} <= closure["train"]
+    assert "pipeline.train.run" not in closure["tile-scene"]
+    assert {"pipeline.train.run", "pipeline.train.fit", "pipeline.model.detector", "pipeline.train.clipping"} <= closure["train"]
     assert "pipeline.geo.tiling" not in closure["train"]
     assert {"pipeline.predict.scene", "pipeline.evaluate.metrics"} <= closure["evaluate"]
 
@@ -100,7 +100,7 @@ def test_closure_of_a_synthetic_package(tmp_path):
 def test_a_code_upgrade_changes_the_keys_of_the_stages_that_run_it_only(tmp_path, upgraded):
     cfg = Config()
     before = {st: stage_key(st, cfg, ["train"], {}, tmp_path) for st in caching.STAGE_MODULES}
-    upgraded.add("train/loop.py")
+    upgraded.add("train/fit.py")
     caching.code_fingerprint.cache_clear()
     after = {st: stage_key(st, cfg, ["train"], {}, tmp_path) for st in caching.STAGE_MODULES}
     assert {st for st in before if before[st] != after[st]} == {"train"}

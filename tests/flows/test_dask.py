@@ -13,7 +13,7 @@ import pytest
 from flowkit import fake_evaluation, fake_training, tiny_config, write_config
 
 import pipeline.evaluate.run as eval_stage
-import pipeline.train.loop as train_stage
+import pipeline.train.run as train_stage
 from flows import training
 
 

@@ -13,7 +13,7 @@ import pytest
 from flowkit import fake_evaluation, fake_training, tiny_config, write_config
 
 import pipeline.evaluate.run as eval_stage
-import pipeline.train.loop as train_stage
+import pipeline.train.run as train_stage
 from flows import alerts, training
 from flows.runlog import _LogTail, progress_line
 
@@ -39,7 +39,7 @@ def _run_logs(flow_run_id, expect: list[str], wait_s: float = 30.0) -> list[str]
 def test_training_progress_and_pipeline_logs_reach_the_flow_run(prefect_api, scenes, tmp_path, monkeypatch):
     def trainer(config, tiles_dir, model_dir, resume=False):
         """Writes telemetry like the real trainer (a fresh log, one line per log_every steps) and logs."""
-        log = logging.getLogger("pipeline.train.loop")
+        log = logging.getLogger("pipeline.train.run")
         fake_training(config, tiles_dir, model_dir)  # the export the flow expects
         path = Path(model_dir) / "train_log.jsonl"
         path.unlink()

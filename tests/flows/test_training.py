@@ -21,7 +21,7 @@ from flowkit import fake_training as _fake_training
 import pipeline.data.dataset as dataset_stage
 import pipeline.evaluate.run as eval_stage
 import pipeline.geo.tiling as tiling_stage
-import pipeline.train.loop as train_stage
+import pipeline.train.run as train_stage
 from flows import training
 from flows.reporting import per_class_rows
 from pipeline.errors import SatdetError
@@ -223,7 +223,7 @@ def test_code_upgrade_reruns_the_stages_whose_code_changed(prefect_api, scenes, 
     before = Counter(calls)
     real = caching._read_source
     monkeypatch.setattr(caching, "_read_source",
-                        lambda path: real(path) + (b"\n# new\n" if path.as_posix().endswith("train/loop.py") else b""))
+                        lambda path: real(path) + (b"\n# new\n" if path.as_posix().endswith("train/fit.py") else b""))
     caching.code_fingerprint.cache_clear()
     try:
         assert _run(cfg).is_completed()

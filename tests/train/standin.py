@@ -130,7 +130,7 @@ def resume_run(model_dir: str, resume: bool, slow_after: int = -1) -> list[np.nd
     input noise from the checkpointed generator. With slow_after >= 0 the input pipeline hangs from that
     batch on, so a process running it is reliably still alive when it gets killed."""
 
-    from pipeline.train.loop import fit
+    from pipeline.train.fit import fit
 
     cfg = tiny_config(
         steps=20, clip={"strategy": "autoclip", "percentile": 50.0, "warmup_steps": 2}, learning_rate=0.1
@@ -220,7 +220,7 @@ def detector_resume_run(model_dir: str, resume: bool, slow_after: int = -1) -> l
     seed generator), so a resumed run draws the same anchors and ROIs as an uninterrupted one."""
 
     from pipeline.model.detector import build_detector
-    from pipeline.train.loop import fit
+    from pipeline.train.fit import fit
 
     cfg = tiny_config(
         steps=8, clip={"strategy": "autoclip", "percentile": 50.0, "warmup_steps": 2}, learning_rate=0.02

@@ -24,7 +24,7 @@ sys.path.insert(0, sys.argv[1])
 from standin import build_model, synthetic_arrays
 from pipeline.config import ClipConfig, OptimizerConfig
 from pipeline.train.clipping import build_clipper
-from pipeline.train.loop import make_train_step
+from pipeline.train.step import TrainStep
 from pipeline.train.optim import build_optimizer
 
 opt_cfg = OptimizerConfig(name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=1e-3)
@@ -35,7 +35,7 @@ def run(strategy, clip_cfg):
     with strategy.scope():
         model = build_model(0)
         opt = build_optimizer(opt_cfg, 0.1)
-        step = make_train_step(model, opt, build_clipper(clip_cfg), strategy=strategy)
+        step = TrainStep(model, opt, build_clipper(clip_cfg), strategy=strategy)
     data = strategy.experimental_distribute_dataset(ds) if strategy.num_replicas_in_sync > 1 else ds
     outs = []
     for x, y in data:
@@ -66,7 +66,7 @@ for name in sys.argv[2].split(","):
 if sys.argv[3] == "1":
     import keras
     from standin import build_bn_detector, detector_arrays
-    from pipeline.train.loop import LOSS_KEYS
+    from pipeline.model.losses import LOSS_NAMES
 
     overrides = dict(rpn_batch_per_image=256, roi_batch_per_image=64, roi_positive_fraction=1.0)
     images, targets = detector_arrays(4, 64, seed=2)
@@ -92,7 +92,7 @@ if sys.argv[3] == "1":
         keras.utils.set_random_seed(0)
         model = build_bn_detector(**overrides)
         opt = build_optimizer(OptimizerConfig(name="sgd", learning_rate=lr, momentum=0.0, weight_decay=0.0), lr)
-        step = make_train_step(model, opt, build_clipper(ClipConfig(strategy="global_norm", clip_norm=clip_norm)),
+        step = TrainStep(model, opt, build_clipper(ClipConfig(strategy="global_norm", clip_norm=clip_norm)),
                                strategy=mirrored)
     start = [v.numpy() for v in model.trainable_variables]
     assert all((a == b.numpy()).all() for a, b in zip(start, ref.trainable_variables))

@@ -28,7 +28,7 @@ HERE = Path(__file__).parent
 SCRIPT = r"""
 import sys
 sys.path.insert(0, sys.argv[1])
-import pipeline.train.loop
+import pipeline.train.fit
 import standin
 run = getattr(standin, sys.argv[6])
 if sys.argv[5] == "wait":

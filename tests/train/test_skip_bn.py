@@ -11,8 +11,8 @@ from standin import build_bn_detector, build_model, detector_arrays, synthetic_a
 
 from pipeline.config import ClipConfig, OptimizerConfig
 from pipeline.train.clipping import build_clipper
-from pipeline.train.loop import LossScale, build_variables, make_train_step
 from pipeline.train.optim import build_optimizer
+from pipeline.train.step import LossScale, TrainStep, build_variables
 
 
 def _snapshot(variables) -> list[bytes]:
@@ -44,7 +44,7 @@ def test_real_detector_skipped_step_leaves_bn_statistics_bit_identical():
     assert _changed(model.variables, constructed) == []  # the build moves no statistic and no seed
 
     opt = build_optimizer(OptimizerConfig(name="sgd", learning_rate=0.01), 0.01)
-    step = make_train_step(model, opt, build_clipper(ClipConfig(strategy="global_norm", clip_norm=10.0)))
+    step = TrainStep(model, opt, build_clipper(ClipConfig(strategy="global_norm", clip_norm=10.0)))
     initial = _snapshot(stats)
     assert not bool(step(images, targets)["skipped"])
     assert len(_changed(stats, initial)) > len(stats) // 2  # a finite step moves the statistics
@@ -79,7 +79,7 @@ def test_skipped_step_restores_bn_statistics_with_xla_and_mixed_precision(varian
     images, targets = tf.constant(images), {k: tf.constant(v) for k, v in targets.items()}
     opt = build_optimizer(OptimizerConfig(name="sgd", learning_rate=0.01), 0.01)
     scale = LossScale(initial=1024.0) if mixed else None
-    step = make_train_step(model, opt, build_clipper(ClipConfig()), loss_scale=scale,
+    step = TrainStep(model, opt, build_clipper(ClipConfig()), loss_scale=scale,
                            jit_compile=variant.endswith("xla"))
     stats = [model.bn.moving_mean, model.bn.moving_variance]
     initial = _snapshot(stats)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from standin import build_model, synthetic_dataset, tiny_config
 
-from pipeline.train.loop import TrainStep, fit
+from pipeline.train.fit import fit
 from pipeline.train.schedule import build_schedule
+from pipeline.train.step import TrainStep
 from pipeline.train.telemetry import read_log
 
 PEAK = 0.05
@@ -67,7 +68,7 @@ def test_a_tiny_budget_fits_the_schedule_so_the_lr_ends_near_zero_in_time(tmp_pa
         clock.t += 3.0
         return 0.5
 
-    with caplog.at_level(logging.INFO, logger="pipeline.train.loop"):
+    with caplog.at_level(logging.INFO, logger="pipeline.train.fit"):
         summary = _fit(tmp_path, clock, evaluate_fn=slow_validation, time_budget_minutes=1.0, eval_every=20)
     assert summary["stop_reason"] == "fitted_to_budget"
     assert summary["steps_planned"] == 200

@@ -1,0 +1,90 @@
+"""The train stage: `run_training` builds the detector for a tiles folder, trains it (`fit`), calibrates
+its output threshold on the validation tiles and exports it. `build_for_training` is the model-building
+part on its own (also used by studies)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from pipeline.config import Config
+from pipeline.model.kernels import with_xla_kernels
+from pipeline.train.checkpoints import config_fingerprint, load_best
+from pipeline.train.fit import fit
+
+
+def run_training(config: Config, tiles_dir: Path, model_dir: Path, resume: bool = False) -> Path:
+    """Train the detector on `tiles_dir` per `config.train`; returns `model_dir`, which then holds
+    checkpoints/, tensorboard/, train_log.jsonl, best/ (when there is a val split), train_summary.json and
+    export/ (the best validation weights when validated, else the last ones)."""
+    from pipeline.data.dataset import build_dataset, explain_data_error, tile_count
+    from pipeline.data.stats import load_stats
+    from pipeline.files import atomic_write_json
+    from pipeline.model.export import export_model
+
+    tiles_dir, model_dir = Path(tiles_dir), Path(model_dir)
+    stats = load_stats(tiles_dir)
+    model, strategy, exempt = build_for_training(config, int(stats["channels"]), stats=stats)
+    validation = None
+    if tile_count(tiles_dir, "val") > 0:
+        from pipeline.train.validation import Validation
+
+        val = build_dataset(tiles_dir, "val", config, training=False)
+        validation = Validation(model, val, list(config.classes), config.evaluate.max_dets)
+    summary = fit(
+        model,
+        lambda start: build_dataset(tiles_dir, "train", config, training=True, start_batch=start),
+        config,
+        model_dir,
+        resume=resume,
+        strategy=strategy,
+        evaluate_fn=validation.ap50 if validation is not None else None,
+        agc_exempt=exempt,
+        explain_data_error=lambda err: explain_data_error(err, tiles_dir, "train"),
+        fingerprint=config_fingerprint(config, stats),
+    )
+    calibration = None
+    if validation is not None:
+        load_best(model, model_dir)  # export the best validation weights, not just the last ones
+        calibration = validation.output_threshold(model)
+        summary["output_threshold"] = calibration
+    export_model(model, stats, list(config.classes), model_dir / "export", int(stats["tile_size"]),
+                 calibration=calibration)
+    atomic_write_json(model_dir / "train_summary.json", summary)
+    return model_dir
+
+
+def build_for_training(config: Config, channels: int, stats: dict[str, Any] | None = None
+                       ) -> tuple[keras.Model, tf.distribute.Strategy, list[str]]:
+    """Seed, pick the distribution strategy and build the detector in its scope; returns (model, strategy,
+    paths of the variables AGC leaves unclipped). With `train.jit_compile`, 'auto' kernels resolve to the
+    XLA-compatible ones (padded NMS, gather ROIAlign) even on a CPU."""
+    from pipeline.model.detector import build_detector
+
+    keras.utils.set_random_seed(config.seed)
+    strategy = choose_strategy(config.train.distribute)
+    model_cfg = with_xla_kernels(config.model) if config.train.jit_compile else config.model
+    with strategy.scope():
+        model = build_detector(model_cfg, len(config.classes), channels, stats=stats)
+    exempt = [str(getattr(v, "path", v.name)) for v in _agc_exempt_variables(model)]
+    return model, strategy, exempt
+
+
+def choose_strategy(mode: str) -> tf.distribute.Strategy:
+    """'mirrored' → MirroredStrategy; 'auto' → MirroredStrategy when more than one GPU; else default."""
+    gpus = tf.config.list_logical_devices("GPU")
+    if mode == "mirrored" or (mode == "auto" and len(gpus) > 1):
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _agc_exempt_variables(model: keras.Model) -> list:
+    """The final classifier, which AGC leaves alone (NFNets): `model.agc_exempt_variables()` when the
+    detector offers it, else the ROI box head's class-score layer (`box_head.cls`)."""
+    if hasattr(model, "agc_exempt_variables"):
+        return list(model.agc_exempt_variables())
+    cls = getattr(getattr(model, "box_head", None), "cls", None)
+    return list(cls.trainable_variables) if cls is not None else []
