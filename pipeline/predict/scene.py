@@ -49,7 +49,7 @@ from pipeline.predict.merge import merge_boxes
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int, float], None]  # (windows done, windows total, scene pixels done)
+WindowProgress = Callable[[int, int, float], None]  # (windows done, windows total, scene pixels done)
 
 
 class Detector(Protocol):
@@ -334,7 +334,7 @@ def predict_region(
     scene: str | Path,
     cfg: PredictConfig,
     region: tuple[int, int, int, int] | None = None,
-    progress: Progress | None = None,
+    progress: WindowProgress | None = None,
 ) -> SceneDetections:
     """Detections over a whole scene, or over `region` (col_off, row_off, width, height) of it.
 
@@ -414,7 +414,7 @@ def predict_scenes(
             raise SatdetError(f"{s}: scene file not found")
     detector = load_for_predict(export_dir, cfg)
     results: list[SceneDetections] = []
-    with _progress_bar(show_progress) as bar:
+    with _SceneProgressBars(show_progress) as bar:
         for s in scenes:
             adapted = scene_detector(detector, s, cfg)
             results.append(predict_region(adapted, s, cfg, progress=bar(Path(str(s)).stem)))
@@ -424,14 +424,14 @@ def predict_scenes(
     return [write_detections(results, Path(out), fmt)]
 
 
-class _progress_bar:
+class _SceneProgressBars:
     """Rich progress (windows done/total, Mpx/s) per scene; a no-op when disabled."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self._progress: Any = None
 
-    def __enter__(self) -> Callable[[str], Progress | None]:
+    def __enter__(self) -> Callable[[str], WindowProgress | None]:
         if self.enabled:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -440,7 +440,7 @@ class _progress_bar:
             self._progress.start()
         return self._make
 
-    def _make(self, name: str) -> Progress | None:
+    def _make(self, name: str) -> WindowProgress | None:
         if self._progress is None:
             return None
         task = self._progress.add_task(name, total=None, mpx=0.0)
