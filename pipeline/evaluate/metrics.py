@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.predict.iou import iou_matrix, iou_one_to_many
+
 AREA_RANGES: dict[str, tuple[float, float]] = {
     "all": (0.0, 1e5**2),
     "small": (0.0, 32.0**2),
@@ -155,17 +157,6 @@ def _prf_at_best_f1(evaluator: Any, t: int, n_images: int, n_classes: int) -> di
             "score_threshold": float(s[b]), "tp": int(ctp[b]), "fp": int(cfp[b]), "fn": int(n_gt - ctp[b])}
 
 
-def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU between (N,4) and (M,4) xyxy boxes with continuous pixel edges."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
-    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-
-
 def prf_at_threshold(gt: list[ImageBoxes], det: list[ImageDetections], threshold: float, iou: float = 0.5
                      ) -> dict[str, float]:
     """Precision / recall / F1 of the detections scoring >= `threshold` (all classes, class-aware greedy
@@ -177,7 +168,7 @@ def prf_at_threshold(gt: list[ImageBoxes], det: list[ImageDetections], threshold
         keep = d.scores >= threshold
         boxes, labels, scores = d.boxes[keep], d.labels[keep], d.scores[keep]
         taken = np.zeros(len(g.boxes), bool)
-        ious = _iou_matrix(boxes, g.boxes) if len(boxes) and len(g.boxes) else np.zeros((len(boxes), 0))
+        ious = iou_matrix(boxes, g.boxes) if len(boxes) and len(g.boxes) else np.zeros((len(boxes), 0))
         for i in np.argsort(-scores, kind="stable"):
             cand = np.where((~taken) & (g.labels == labels[i]), ious[i], -1.0) if ious.shape[1] else ious[i]
             j = int(np.argmax(cand)) if len(cand) else -1
@@ -211,7 +202,7 @@ def voc_ap(gt: list[ImageBoxes], det: list[ImageDetections], label: int, iou: fl
     for n, (_, i, box) in enumerate(entries):
         if len(gt_boxes[i]) == 0:
             continue
-        ious = _iou_matrix(box[None], gt_boxes[i])[0]
+        ious = iou_one_to_many(box, gt_boxes[i])
         j = int(np.argmax(ious))
         if ious[j] >= iou and not taken[i][j]:  # VOC: best GT already taken -> false positive
             taken[i][j] = True
