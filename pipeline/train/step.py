@@ -85,7 +85,7 @@ class TrainStep(tf.Module):
                 self._pre_divide = 1.0 / self.replicas
         # autograph=False: the step, the detector and the clippers branch in Python only on Python values
         # (static shapes; tensor conditions are explicit tf.cond/tf.where), so AutoGraph would produce the
-        # same graph; skipping its source transformation halves the first step's tracing time.
+        # same graph; skipping its source transformation shortens the first step's tracing.
         self._grads = (
             tf.function(self._compute_grads, jit_compile=jit_compile, autograph=False)
             if self.replicas > 1

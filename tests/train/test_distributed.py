@@ -143,7 +143,7 @@ _run: dict = {}
 
 def start_in_background() -> None:
     """Start the subprocess (once). tests/train/conftest.py calls this as soon as collection finishes, so its
-    ~10 s of TensorFlow start-up and tracing overlap the tests that run before this module."""
+    TensorFlow start-up and tracing overlap the tests that run before this module."""
     if _run:
         return
     here = Path(__file__).parent
