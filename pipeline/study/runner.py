@@ -43,24 +43,14 @@ def train_run(config: Config, tiles_dir: Path, model_dir: Path) -> dict[str, Any
     """Train one run (no export) and score the final weights on the val split; returns fit's summary plus
     `val_ap50`. The model is built by `build_for_training`, as in `satdet train`."""
 
-    from pipeline.data.dataset import build_dataset, explain_data_error
+    from pipeline.data.dataset import build_dataset
     from pipeline.data.stats import load_stats
-    from pipeline.train.fit import fit
-    from pipeline.train.run import build_for_training
+    from pipeline.train.run import build_for_training, fit_on_tiles
     from pipeline.train.validation import make_predict_fn, validation_ap50
 
     stats = load_stats(tiles_dir)
     model, strategy, exempt = build_for_training(config, int(stats["channels"]), stats=stats)
-    summary = fit(
-        model,
-        lambda start: build_dataset(tiles_dir, "train", config, training=True, start_batch=start),
-        config,
-        model_dir,
-        strategy=strategy,
-        agc_exempt=exempt,
-        progress=False,
-        explain_data_error=lambda err: explain_data_error(err, tiles_dir, "train"),
-    )
+    summary = fit_on_tiles(model, strategy, exempt, config, tiles_dir, model_dir, progress=False)
     import tensorflow as tf
 
     summary["device"] = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"

@@ -1,6 +1,6 @@
 """The train stage: `run_training` builds the detector for a tiles folder, trains it (`fit`), calibrates
-its output threshold on the validation tiles and exports it. `build_for_training` is the model-building
-part on its own (also used by studies)."""
+its output threshold on the validation tiles and exports it. `build_for_training` and `fit_on_tiles` are
+its first two steps on their own (studies use them)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def run_training(config: Config, tiles_dir: Path, model_dir: Path, resume: bool 
     """Train the detector on `tiles_dir` per `config.train`; returns `model_dir`, which then holds
     checkpoints/, tensorboard/, train_log.jsonl, best/ (when there is a val split), train_summary.json and
     export/ (the best validation weights when validated, else the last ones)."""
-    from pipeline.data.dataset import build_dataset, explain_data_error, tile_count
+    from pipeline.data.dataset import build_dataset, tile_count
     from pipeline.data.stats import load_stats
     from pipeline.files import atomic_write_json
     from pipeline.model.export import export_model
@@ -34,16 +34,10 @@ def run_training(config: Config, tiles_dir: Path, model_dir: Path, resume: bool 
 
         val = build_dataset(tiles_dir, "val", config, training=False)
         validation = Validation(model, val, list(config.classes), config.evaluate.max_dets)
-    summary = fit(
-        model,
-        lambda start: build_dataset(tiles_dir, "train", config, training=True, start_batch=start),
-        config,
-        model_dir,
+    summary = fit_on_tiles(
+        model, strategy, exempt, config, tiles_dir, model_dir,
         resume=resume,
-        strategy=strategy,
         evaluate_fn=validation.ap50 if validation is not None else None,
-        agc_exempt=exempt,
-        explain_data_error=lambda err: explain_data_error(err, tiles_dir, "train"),
         fingerprint=config_fingerprint(config, stats),
     )
     calibration = None
@@ -55,6 +49,31 @@ def run_training(config: Config, tiles_dir: Path, model_dir: Path, resume: bool 
                  calibration=calibration)
     atomic_write_json(model_dir / "train_summary.json", summary)
     return model_dir
+
+
+def fit_on_tiles(
+    model: keras.Model,
+    strategy: tf.distribute.Strategy,
+    agc_exempt: list[str],
+    config: Config,
+    tiles_dir: Path,
+    model_dir: Path,
+    **fit_options: Any,
+) -> dict[str, Any]:
+    """`fit` a model from `build_for_training` on the train split of `tiles_dir` (an input-pipeline error
+    names the tiles); `fit_options` are fit's keyword options (resume, evaluate_fn, progress, ...)."""
+    from pipeline.data.dataset import build_dataset, explain_data_error
+
+    return fit(
+        model,
+        lambda start: build_dataset(tiles_dir, "train", config, training=True, start_batch=start),
+        config,
+        model_dir,
+        strategy=strategy,
+        agc_exempt=agc_exempt,
+        explain_data_error=lambda err: explain_data_error(err, tiles_dir, "train"),
+        **fit_options,
+    )
 
 
 def build_for_training(config: Config, channels: int, stats: dict[str, Any] | None = None
