@@ -216,13 +216,13 @@ class _Run:
         )
         self.out: dict[str, tf.Tensor] | None = None  # the outputs of the last step
         self.stop_reason, self.consecutive_skips = "steps", 0
+        self.t_start = self.mark = clock()  # mark: when the current step began
+        self.window = ThroughputWindow(self.t_start)
+        step_fn = parts.step_fn
+        self.clip_counts = int(step_fn.clipped_total.numpy()), int(step_fn.steps_total.numpy())  # at the last log
 
     def train(self, batches: _Batches) -> None:
         """Step until the end of the schedule or a reason to stop."""
-        self.t_start = self.mark = self.clock()  # mark: when the current step began
-        self.window = ThroughputWindow(self.t_start)
-        step_fn = self.parts.step_fn
-        self.clip_counts = int(step_fn.clipped_total.numpy()), int(step_fn.steps_total.numpy())  # at the last log
         while self.step < self.end:
             self._train_step(batches)
             self._log_if_due()
