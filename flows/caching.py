@@ -31,6 +31,8 @@ from pipeline.config import Config
 # The `pipeline` modules each stage calls into (the import closure of these is what the stage runs).
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "tile-scene": ("pipeline.geo.tiling",),
+    "tile-row-block": ("pipeline.geo.blocks",),
+    "merge-row-blocks": ("pipeline.geo.blocks",),
     "finalize-tiling": ("pipeline.geo.tiling",),
     "build-dataset": ("pipeline.data.dataset",),
     "train": ("pipeline.train.run",),

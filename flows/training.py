@@ -1,5 +1,6 @@
-"""The training pipeline as a Prefect flow: plan tiling → tile (one task per scene, at most
-`tiling.workers` at a time) → finalize → build_dataset → train → evaluate.
+"""The training pipeline as a Prefect flow: plan tiling → tile (one task per scene, or per row block of a
+large scene: flows/row_blocks.py; at most `tiling.workers` at a time) → finalize → build_dataset → train →
+evaluate.
 
 Tasks are thin: each calls one `pipeline` stage function and passes paths on. Every task caches on the
 *content* of its inputs, the config sections it reads and the source of the code it runs
@@ -34,6 +35,7 @@ from flows.alerts import on_run_failure
 from flows.caching import config_digest, fingerprint, key_fn, stage_code, stage_key
 from flows.locking import run_folder_lock
 from flows.reporting import publish_artifacts, slug
+from flows.row_blocks import merged_outputs, tile_row_block, tiling_units
 from flows.runlog import follow_training, pipeline_logs_to_run, run_logger
 from flows.scaleout import on_dask
 from pipeline.config import Config, ConfigError, config_from_dict, load_config, save_config
@@ -290,10 +292,7 @@ def _train_pipeline(config: Config, run_dir: Path, force: bool, logger: Any) -> 
 
     tiles_done = tiles_dir / "manifest.jsonl"
     plan_tiling(config, work_dir, force=force)  # once, before the scene tasks (they all read it)
-    n_scenes = len(config.tiling.scenes)
-    # On the default thread pool at most tiling.workers scenes at a time; on Dask the cluster decides.
-    workers = n_scenes if on_dask() else max(1, min(config.tiling.workers or os.cpu_count() or 1, n_scenes))
-    scene_outputs = _bounded_map(fresh(tile_scene, work_dir, tiles_done), config, n_scenes, work_dir, workers)
+    scene_outputs = tile_all_scenes(config, work_dir, force or not (work_dir.exists() and tiles_done.exists()))
     tiles = fresh(finalize_tiling, tiles_done)(config, scene_outputs, tiles_dir)
     _prune_siblings(work_dir)
     update_progress_artifact(progress_id, _PROGRESS["tiled"])
@@ -326,14 +325,32 @@ def _train_pipeline(config: Config, run_dir: Path, force: bool, logger: Any) -> 
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _bounded_map(task_: Any, config: Config, n: int, work_dir: Path, limit: int) -> list[Path]:
-    """Submit task_(config, i, work_dir) for i < n with at most `limit` runs in flight (tiling.workers):
-    scene i + limit is submitted once scene i is done. Results in scene order; the first failure raises."""
+def tile_all_scenes(config: Config, work_dir: Path, refresh: bool = False) -> list[Path]:
+    """Tile every scene of the plan in `work_dir`: a tile-scene task per scene, or a tile-row-block task per
+    row block of a large one (then merge-row-blocks). On the default runner at most tiling.workers tasks at
+    a time; on Dask all are submitted and the cluster decides. The scene folders, in scene order."""
+    dask = on_dask()
+    units = tiling_units(config, work_dir, dask)
+    limit = len(units) if dask else max(1, min(config.tiling.workers or os.cpu_count() or 1, len(units)))
+    scene_task, block_task = (t.with_options(refresh_cache=True) if refresh else t for t in (tile_scene, tile_row_block))
+
+    def submit(unit: Any) -> Any:
+        index, rows = unit
+        return scene_task.submit(config, index, work_dir) if rows is None else \
+            block_task.submit(config, index, rows[0], rows[1], work_dir)
+
+    outputs = _bounded_map(submit, units, limit)
+    return merged_outputs(config, units, outputs, work_dir, refresh)
+
+
+def _bounded_map(submit: Any, items: list[Any], limit: int) -> list[Path]:
+    """submit(item) for every item with at most `limit` runs in flight (tiling.workers): item k + limit is
+    submitted once item k is done. Results in item order; the first failure raises."""
     futures: list[Any] = []
-    for i in range(n):
-        if i >= limit:
-            futures[i - limit].result()  # wait for a free slot (raises if that scene failed)
-        futures.append(task_.submit(config, i, work_dir))
+    for k, item in enumerate(items):
+        if k >= limit:
+            futures[k - limit].result()  # wait for a free slot (raises if that task failed)
+        futures.append(submit(item))
     return [f.result() for f in futures]
 
 

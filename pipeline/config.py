@@ -70,6 +70,13 @@ class TilingConfig(_Section):
     stats_percentiles: tuple[float, float] = Field((1.0, 99.0), description="Per-band low/high percentiles.")
     shard_size: int = Field(256, gt=0, description="Tiles per TFRecord shard.")
     workers: int = Field(0, ge=0, description="Processes for tiling scenes in parallel; 0 = number of CPUs.")
+    row_block_windows: int = Field(
+        0,
+        ge=0,
+        description="Flows (`satdet run`): a scene with more tile windows than this is tiled in blocks of whole "
+        "tile rows of about this many windows, one task each, then merged (spreads one large scene over Dask "
+        "workers); the tiles are the same bytes either way. 0 = 4096 on a Dask task runner, whole scenes otherwise.",
+    )
     units: Literal["px", "m"] = Field(
         "px", description="Unit of tile_size and overlap: pixels, or metres (converted with each scene's pixel size)."
     )

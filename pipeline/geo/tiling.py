@@ -1,7 +1,8 @@
 """The tiling stage: GeoTIFF scenes + labels → TFRecord tiles, manifest, stats, QA and splits.
 
     run_tiling(config, out_dir=None) -> tiles dir        the whole stage (scenes in parallel processes)
-    tile_scene(config, scene_index, work_dir) -> Path    one scene (a Prefect task can map over these)
+    tile_scene(config, scene_index, work_dir) -> Path    one scene (a Prefect task can map over these), or
+                                                         one row block of it (pipeline.geo.blocks merges those)
     finalize_tiling(config, scene_outputs, out_dir)      merge scene outputs into the tiles dir
 
 A scene is read in row strips one tile high by `_StripReader`, a thread that starts decoding at once (while
@@ -57,7 +58,7 @@ Progress = Callable[[int], None]
 
 
 # ------------------------------------------------------------------------------------------ plan cache
-def _load_plan(config: Config, work_dir: Path) -> dict[str, Any]:
+def load_plan(config: Config, work_dir: Path) -> dict[str, Any]:
     """The plan, computed once per work dir (parallel scene tasks read the same file)."""
     path = work_dir / PLAN_FILE
     if path.exists():
@@ -311,15 +312,44 @@ def _cut(data: np.ndarray, mask: np.ndarray | None, col: int, tile: int, fill: f
     return out, valid, 1.0 - float(np.count_nonzero(valid)) / (tile * tile)
 
 
-def tile_scene(config: Config, scene_index: int, work_dir: Path, progress: Progress | None = None) -> Path:
-    """Tile one scene into ``work_dir/scene-NNNN/`` (TFRecord parts, manifest lines, pixel sample, counts)."""
+def scene_dir_name(scene_index: int, rows: tuple[int, int] | None = None) -> str:
+    """The work folder of a scene (``scene-NNNN``) or of one of its row blocks (``scene-NNNN-rows-F-E``)."""
+    return f"scene-{scene_index:04d}" + (f"-rows-{rows[0]:05d}-{rows[1]:05d}" if rows else "")
+
+
+def sample_rng(config: Config, scene_index: int, draws: int, tile: int, per_tile: int) -> np.random.Generator:
+    """The generator of a scene's stats pixel sample after `draws` tiles' draws: the k-th chosen tile of a scene
+    gets the k-th draw whichever row block cuts it, so row blocks sample the same pixels as a whole scene."""
+    rng = np.random.default_rng([config.seed, scene_index, 1])
+    for _ in range(draws):
+        rng.integers(0, tile * tile, per_tile)
+    return rng
+
+
+def trim_sample(arr: np.ndarray, limit: int, rng: np.random.Generator) -> np.ndarray:
+    """At most `limit` pixels of a scene's sample, picked by `rng` (after all the scene's tile draws)."""
+    return arr[rng.permutation(len(arr))[:limit]] if len(arr) > limit else arr
+
+
+def tile_scene(config: Config, scene_index: int, work_dir: Path, progress: Progress | None = None,
+               rows: tuple[int, int] | None = None) -> Path:
+    """Tile one scene into ``work_dir/scene-NNNN/`` (TFRecord parts, manifest lines, pixel sample, counts).
+
+    `rows` = (first, end) tile-row indices: only the tiles of those rows, into ``scene-NNNN-rows-F-E/``, with the
+    pixel sample untrimmed and the sample generator's state kept (pipeline.geo.blocks merges the blocks)."""
     work_dir = Path(work_dir)
-    plan = _load_plan(config, work_dir)
+    plan = load_plan(config, work_dir)
     scene = plan["scenes"][scene_index]
     t = config.tiling
     tile, bands = plan["tile_size"], plan["bands"]
     classes = list(config.classes)
-    out_final = work_dir / f"scene-{scene_index:04d}"
+    all_rows = tile_starts(scene["height"], tile, plan["overlap"])
+    first, end = rows or (0, len(all_rows))
+    if not 0 <= first < end <= len(all_rows):
+        raise SatdetError(f"{scene['image']}: row block {first}-{end} is outside its {len(all_rows)} tile rows; "
+                          "plan the tiling again")
+    block_rows = all_rows[first:end]
+    out_final = work_dir / scene_dir_name(scene_index, rows)
     # GDAL's block cache would otherwise keep every decoded block of the scene (up to 5% of RAM); strips
     # reuse their own rows, so the cache only needs the block rows under about two strips.
     itemsize = np.dtype(plan["dtype"]).itemsize
@@ -332,8 +362,7 @@ def tile_scene(config: Config, scene_index: int, work_dir: Path, progress: Progr
     with rasterio.Env(GDAL_CACHEMAX=cache_mb, GDAL_NUM_THREADS=gdal_threads), open_raster(scene["image"]) as ds:
         info = info_from_dataset(ds, scene["image"])
         # the reader starts on the pixels at once; the labels and the tile choice run meanwhile
-        with _StripReader(ds, tile_starts(scene["height"], tile, plan["overlap"]), tile, bands,
-                          plan["dtype"]) as strips:
+        with _StripReader(ds, block_rows, tile, bands, plan["dtype"]) as strips:
             labels = read_labels(scene["labels"], info, classes, t.label_field)
             selected, counts = _select_tiles(scene, plan, config, labels)
             # the pad of a scene smaller than a tile: the nodata value (0 without one); NaN in float scenes,
@@ -341,7 +370,8 @@ def tile_scene(config: Config, scene_index: int, work_dir: Path, progress: Progr
             fill = math.nan if np.dtype(plan["dtype"]).kind == "f" else scene["nodata"] or 0
             n_train = sum(e["split"] == "train" for e in selected.values())
             per_tile = math.ceil(t.stats_max_pixels / max(1, n_train))
-            rng = np.random.default_rng([config.seed, scene_index, 1])
+            rng = sample_rng(config, scene_index, sum(r < block_rows[0] for _, r in selected), tile, per_tile)
+            selected = {k: e for k, e in selected.items() if block_rows[0] <= k[1] <= block_rows[-1]}
             qa = {"kept": 0, "clipped": 0, "dropped": 0, "nodata_skipped": 0, "max_boxes": 0,
                   "tiles": {s: 0 for s in SPLITS}, "empty_kept": 0, "class_counts": {c: 0 for c in classes}}
             samples: dict[str, list[np.ndarray]] = {"train": [], "other": []}
@@ -350,7 +380,7 @@ def tile_scene(config: Config, scene_index: int, work_dir: Path, progress: Progr
             by_row: dict[int, list[dict[str, Any]]] = {}
             for e in selected.values():
                 by_row.setdefault(e["row"], []).append(e)
-            skipped_windows = scene["n_windows"] - len(selected)
+            skipped_windows = scene["n_windows"] // len(all_rows) * len(block_rows) - len(selected)
             if progress and skipped_windows:
                 progress(skipped_windows)
             # PNG encoding is CPU-heavy and releases the GIL: spread it over threads. Raw is a memcpy: inline.
@@ -372,6 +402,9 @@ def tile_scene(config: Config, scene_index: int, work_dir: Path, progress: Progr
                         kept: list[tuple[dict[str, Any], np.ndarray]] = []
                         for e in sorted(by_row[r], key=lambda x: x["col"]):
                             col = e["col"]
+                            # drawn for every chosen tile, also one skipped below: the k-th tile's draw stays
+                            # the k-th however the scene is split into row blocks
+                            pick = rng.integers(0, tile * tile, per_tile)
                             img, valid, nodata_fraction = _cut(data, mask, col, tile, fill)
                             if nodata_fraction > t.max_nodata_fraction:
                                 qa["nodata_skipped"] += 1
@@ -391,8 +424,7 @@ def tile_scene(config: Config, scene_index: int, work_dir: Path, progress: Progr
                             qa["dropped"] += e["dropped"]
                             qa["max_boxes"] = max(qa["max_boxes"], n)
                             kept_ids.append(e["class_ids"])
-                            # sample pixel positions, then drop nodata ones: no copy of the tile
-                            pick = rng.integers(0, tile * tile, per_tile)
+                            # sampled pixel positions minus nodata ones: no copy of the tile
                             if valid is not None:
                                 pick = pick[valid.ravel()[pick]]
                             samples["train" if e["split"] == "train" else "other"].append(img[pick // tile, pick % tile])
@@ -413,25 +445,23 @@ def tile_scene(config: Config, scene_index: int, work_dir: Path, progress: Progr
                 per_class = np.bincount(np.concatenate([np.zeros(0, np.int64), *kept_ids]), minlength=len(classes) + 1)
                 qa["class_counts"] = {c: int(per_class[i + 1]) for i, c in enumerate(classes)}
                 atomic_write_text(out / "manifest.jsonl", "".join(m + "\n" for m in manifest))
-                for key, arrs in samples.items():
+                for key, arrs in samples.items():  # a row block's sample is trimmed when the blocks merge
                     arr = np.concatenate(arrs) if arrs else np.zeros((0, len(bands)), np.float64)
-                    if len(arr) > t.stats_max_pixels:
-                        arr = arr[rng.permutation(len(arr))[: t.stats_max_pixels]]
-                    np.save(out / f"sample_{key}.npy", arr)
+                    np.save(out / f"sample_{key}.npy", arr if rows else trim_sample(arr, t.stats_max_pixels, rng))
                 atomic_write_json(out / "scene.json", {
                     "index": scene_index, "scene": scene["scene"], "parts": writer.parts, "qa": qa,
                     "straddling_dropped": counts["straddling_dropped"], "empty_dropped": counts["empty_dropped"],
                     "invalid_geometries": labels.invalid_geometries,
                     "labels_outside_raster": labels.labels_outside_raster,
                     "objects": {c: int((labels.class_ids == i + 1).sum()) for i, c in enumerate(classes)},
-                    "warnings": labels.warnings,
+                    "warnings": labels.warnings, "rows": [first, end], "sample_rng": rng.bit_generator.state,
                 })
     return out_final
 
 
 # ------------------------------------------------------------------------------------------ merge
 # a scene manifest line's shard (tile_scene writes the "shard" key last)
-_SHARD_KEY = re.compile(r'"shard": "([^"\\]+)"\}$', re.MULTILINE)
+SHARD_KEY = re.compile(r'"shard": "([^"\\]+)"\}$', re.MULTILINE)
 
 
 def _stats(samples: np.ndarray, plan: dict[str, Any], percentiles: tuple[float, float]) -> dict[str, Any]:
@@ -484,7 +514,7 @@ def finalize_tiling(config: Config, scene_outputs: list[Path], out_dir: Path) ->
                 # scene lines end with their part's name ("shard" is written last; JSON escapes quotes inside
                 # values, so only that key matches): rename by text, not by decoding and re-encoding each line
                 text = (p / "manifest.jsonl").read_text()
-                text, n = _SHARD_KEY.subn(lambda g, i=m["index"]: f'"shard": "{renames[(i, g[1])]}"}}', text)
+                text, n = SHARD_KEY.subn(lambda g, i=m["index"]: f'"shard": "{renames[(i, g[1])]}"}}', text)
                 if n != text.count("\n") or (text and not text.endswith("\n")):
                     raise SatdetError(f"{p / 'manifest.jsonl'}: a line lacks its shard; tile the scene again")
                 fh.write(text)
@@ -567,7 +597,7 @@ def run_tiling(config: Config, out_dir: Path | None = None) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.work-"))
     try:
-        plan = _load_plan(config, work)
+        plan = load_plan(config, work)
         n = len(plan["scenes"])
         workers = min(config.tiling.workers or os.cpu_count() or 1, n)
         bar, total = _progress_bar(sum(s["n_windows"] for s in plan["scenes"]))

@@ -114,3 +114,16 @@ def test_the_task_function_source_is_part_of_the_code_key():
 
     assert stage_code("train", train) != stage_code("train", evaluate)
     assert stage_code("train", train) == stage_code("train", train)
+
+
+def test_a_change_to_the_row_block_code_re_runs_the_row_block_stages_only(tmp_path, upgraded):
+    cfg = Config()
+    before = {st: stage_key(st, cfg, ["tiling"], {}, tmp_path) for st in caching.STAGE_MODULES}
+    upgraded.add("geo/blocks.py")
+    caching.code_fingerprint.cache_clear()
+    after = {st: stage_key(st, cfg, ["tiling"], {}, tmp_path) for st in caching.STAGE_MODULES}
+    assert {st for st in before if before[st] != after[st]} == {"tile-row-block", "merge-row-blocks"}
+    upgraded.add("geo/tiling.py")  # the blocks cut tiles with tile_scene: its code is theirs too
+    caching.code_fingerprint.cache_clear()
+    changed = {st for st in after if stage_key(st, cfg, ["tiling"], {}, tmp_path) != after[st]}
+    assert changed == {"tile-scene", "finalize-tiling", "tile-row-block", "merge-row-blocks"}
