@@ -37,7 +37,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "build-dataset": ("pipeline.data.dataset",),
     "train": ("pipeline.train.run",),
     "evaluate": ("pipeline.evaluate.run",),
-    "predict-scenes": ("pipeline.predict.scene", "pipeline.predict.adapt", "pipeline.predict.export"),
+    "predict-scenes": ("pipeline.predict.scene", "pipeline.predict.adapt", "pipeline.predict.vectors"),
 }
 
 # Files a stage adds next to its inputs and that must not count as input changes (build_dataset writes

@@ -72,7 +72,7 @@ def predict_one(config: Config, export_dir: Path, scene: Path, out_dir: Path) ->
     pipeline.predict.scene.predict_scenes writes per scene into a folder)."""
     from pipeline.predict import scene as scene_stage
     from pipeline.predict.adapt import scene_detector
-    from pipeline.predict.export import write_detections
+    from pipeline.predict.vectors import write_detections
 
     cfg = config.predict
     if "://" not in str(scene) and not str(scene).startswith("/vsi") and not Path(scene).exists():

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.geo.synth import make_scene
-from pipeline.predict import scene as scene_mod
+from pipeline.predict import exported
 
 CLASSES = ["crown", "roof", "vehicle"]
 EPSG = "EPSG:32633"
@@ -259,7 +259,7 @@ PREDICT_MATRIX = [
 def test_predict_matrix(tmp_path, monkeypatch, case, dtype, status, message):
     image, _ = case_inputs(case, tmp_path / "in")
     detector = FiniteCheckingDetector(dtype=dtype)
-    monkeypatch.setattr(scene_mod, "load_detector", lambda p: detector)
+    monkeypatch.setattr(exported, "load_detector", lambda p: detector)
     out = tmp_path / "out" / "d.geojson"
     res = CliRunner().invoke(app, ["predict", str(tmp_path), str(image), "--out", str(out), "--overlap", "16"])
     assert res.exit_code == status, res.output
@@ -276,7 +276,7 @@ def test_predict_matrix(tmp_path, monkeypatch, case, dtype, status, message):
 
 def test_predict_no_crs_scene_works_as_geopackage(tmp_path, monkeypatch):
     image, _ = case_inputs("no_crs", tmp_path / "in")
-    monkeypatch.setattr(scene_mod, "load_detector", lambda p: FiniteCheckingDetector())
+    monkeypatch.setattr(exported, "load_detector", lambda p: FiniteCheckingDetector())
     out = tmp_path / "d.gpkg"
     res = CliRunner().invoke(app, ["predict", str(tmp_path), str(image), "--out", str(out)])
     assert res.exit_code == 0, res.output

@@ -167,7 +167,7 @@ def run_evaluation(config: Config, model_dir: Path, tiles_dir: Path, out_dir: Pa
     from pipeline.evaluate.plots import plot_examples, plot_pr_curves
     from pipeline.evaluate.report import write_report
     from pipeline.predict.adapt import SceneAdapter, load_for_predict
-    from pipeline.predict.scene import output_threshold, resolve_export_dir
+    from pipeline.predict.exported import output_threshold, resolve_export_dir
 
     model_dir, tiles_dir, out_dir = Path(model_dir), Path(tiles_dir), Path(out_dir)
     export_dir = resolve_export_dir(model_dir)
@@ -216,7 +216,7 @@ def run_evaluation(config: Config, model_dir: Path, tiles_dir: Path, out_dir: Pa
 def _write_detections_above(blocks: list[BlockResult], threshold: float, path: Path) -> None:
     """The scene-level detections scoring >= `threshold` as EPSG:4326 GeoJSON (empty without a CRS)."""
     from pipeline.files import atomic_write_text
-    from pipeline.predict.export import write_detections
+    from pipeline.predict.vectors import write_detections
 
     shown = []
     for b in blocks:

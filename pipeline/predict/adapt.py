@@ -172,7 +172,8 @@ class SceneAdapter:
 
         from pipeline.data.stats import normalize_numpy
         from pipeline.geo.raster import open_raster
-        from pipeline.predict.scene import _batches, plan_windows
+        from pipeline.predict.reader import read_batches
+        from pipeline.predict.windows import plan_windows
 
         if not self._bn:
             return 0
@@ -193,7 +194,7 @@ class SceneAdapter:
             self._bn_fn = tf.function(batch_stats, input_signature=[spec])  # one trace for every window size
         sums: list[np.ndarray] | None = None
         seen = 0
-        for images, _masks, chunk in _batches(str(scene), windows, bands, tile, cfg.batch_size):
+        for images, _masks, chunk in read_batches(str(scene), windows, bands, cfg.batch_size):
             x = normalize_numpy(images, stats)
             ph, pw = (-x.shape[1]) % _SIZE_DIVISOR, (-x.shape[2]) % _SIZE_DIVISOR
             x = np.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))  # as the detector pads (zeros = mean)
@@ -282,7 +283,7 @@ def keras_weights(detector: Any) -> Path | None:
 def scene_bands(scene: str | Path, info: dict[str, Any]) -> list[int]:
     """The scene's bands the model reads, after checking band count and dtype against the model."""
     from pipeline.geo.raster import open_raster
-    from pipeline.predict.scene import check_scene
+    from pipeline.predict.exported import check_scene
 
     with open_raster(scene) as ds:
         return check_scene(ds, scene, info)
@@ -319,7 +320,7 @@ def _has_stats(info: dict[str, Any]) -> bool:
 def load_for_predict(export_dir: str | Path, cfg: PredictConfig) -> Any:
     """The detector to adapt per scene: the export's Keras model (`SceneAdapter`: exact scene normalisation,
     AdaBN) when `cfg` asks for adaptation and the export has its Keras weights, else the exported model."""
-    from pipeline.predict.scene import load_detector
+    from pipeline.predict.exported import load_detector
 
     detector = load_detector(export_dir)
     if not (cfg.adapt_bn or cfg.normalize == "scene"):

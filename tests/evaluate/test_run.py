@@ -9,25 +9,12 @@ import numpy as np
 import pytest
 import shapely
 import tensorflow as tf
+from predict.fakes import ORIGIN, PIXEL, BrightSquareDetector, write_scene  # tests/ is on sys.path
 
 from pipeline.config import Config
 from pipeline.data.records import encode_tile
 from pipeline.errors import SatdetError
-from pipeline.predict import scene as scene_mod
-
-
-def _load_fakes():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("predict_fakes", Path(__file__).parents[1] / "predict" / "fakes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_fakes = _load_fakes()
-ORIGIN, PIXEL, BrightSquareDetector, write_scene = _fakes.ORIGIN, _fakes.PIXEL, _fakes.BrightSquareDetector, _fakes.write_scene
+from pipeline.predict import exported
 
 SQUARES = [(10, 10, 24, 24), (40, 30, 52, 42), (90, 50, 106, 64), (58, 90, 72, 104), (120, 120, 134, 134)]
 
@@ -63,8 +50,8 @@ def test_scene_level_evaluation_of_a_perfect_detector(tmp_path, monkeypatch):
 
     scene = write_scene(tmp_path / "s.tif", 160, 160, SQUARES)
     tiles = _tiles_dir(tmp_path, scene, _labels(tmp_path))
-    monkeypatch.setattr(scene_mod, "resolve_export_dir", lambda p: p)
-    monkeypatch.setattr(scene_mod, "load_detector", lambda p: BrightSquareDetector(tile_size=64))
+    monkeypatch.setattr(exported, "resolve_export_dir", lambda p: p)
+    monkeypatch.setattr(exported, "load_detector", lambda p: BrightSquareDetector(tile_size=64))
     cfg = Config(classes=["tree", "car"], predict={"overlap": 16}, evaluate={"split": "test", "examples": 2})
     out = run_evaluation(cfg, tmp_path / "model", tiles, tmp_path / "eval")
     for name in ("metrics.json", "report.md", "pr_curve.png", "examples.png", "detections.geojson"):
@@ -100,8 +87,8 @@ def test_nothing_to_evaluate_is_an_error(tmp_path, monkeypatch):
     tiles = tmp_path / "tiles"
     tiles.mkdir()
     (tiles / "splits.json").write_text(json.dumps({"method": "scene", "scenes": []}))
-    monkeypatch.setattr(scene_mod, "resolve_export_dir", lambda p: p)
-    monkeypatch.setattr(scene_mod, "load_detector", lambda p: BrightSquareDetector())
+    monkeypatch.setattr(exported, "resolve_export_dir", lambda p: p)
+    monkeypatch.setattr(exported, "load_detector", lambda p: BrightSquareDetector())
     with pytest.raises(SatdetError, match="no labelled test blocks"):
         run_evaluation(Config(classes=["tree", "car"]), tmp_path, tiles, tmp_path / "eval")
 
@@ -124,8 +111,8 @@ def test_extra_scenes_are_scored_whole_with_a_per_scene_table(tmp_path, monkeypa
     other, labels = _other_site(tmp_path, [(5, 5, 20, 20), (40, 60, 55, 75), (90, 10, 110, 30)])
     csv_text = labels.read_text() + "other.tif,60,5,75,20,tree\n"
     labels.write_text(csv_text)
-    monkeypatch.setattr(scene_mod, "resolve_export_dir", lambda p: p)
-    monkeypatch.setattr(scene_mod, "load_detector", lambda p: BrightSquareDetector(tile_size=64))
+    monkeypatch.setattr(exported, "resolve_export_dir", lambda p: p)
+    monkeypatch.setattr(exported, "load_detector", lambda p: BrightSquareDetector(tile_size=64))
     cfg = Config(classes=["tree", "car"], predict={"overlap": 16, "score_threshold": 0.5},
                  evaluate={"split": "test", "scenes": [{"image": str(other), "labels": str(labels)}]})
     out = run_evaluation(cfg, tmp_path / "model", tiles, tmp_path / "eval")
@@ -148,8 +135,8 @@ def test_evaluate_command_scores_only_the_given_scene(tmp_path, monkeypatch):
 
     squares = [(5, 5, 20, 20), (40, 60, 55, 75)]
     other, labels = _other_site(tmp_path, squares)
-    monkeypatch.setattr(scene_mod, "resolve_export_dir", lambda p: p)
-    monkeypatch.setattr(scene_mod, "load_detector", lambda p: BrightSquareDetector(tile_size=64))
+    monkeypatch.setattr(exported, "resolve_export_dir", lambda p: p)
+    monkeypatch.setattr(exported, "load_detector", lambda p: BrightSquareDetector(tile_size=64))
     config = tmp_path / "c.yaml"
     config.write_text(f"name: r\nruns_dir: {tmp_path}\nclasses: [tree, car]\n")
     out = tmp_path / "eval-other"

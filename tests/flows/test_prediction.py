@@ -13,8 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 import pipeline.predict.adapt as adapt_stage
-import pipeline.predict.export as export_stage
 import pipeline.predict.scene as scene_stage
+import pipeline.predict.vectors as vectors_stage
 from flows.prediction import predict_scenes
 from pipeline.cli import app
 
@@ -74,7 +74,7 @@ def calls(monkeypatch: pytest.MonkeyPatch, loads) -> list[list[str]]:
         return out
 
     monkeypatch.setattr(scene_stage, "predict_region", region)
-    monkeypatch.setattr(export_stage, "write_detections", write)
+    monkeypatch.setattr(vectors_stage, "write_detections", write)
 
     def fake(export_dir, scenes, out, cfg, **kwargs):
         assert (Path(export_dir) / "model_info.json").exists()

@@ -103,7 +103,9 @@ def test_integer_statistics_leave_pixels_untouched():
 
 def test_float_scene_prediction_windows_are_finite_and_carry_the_training_mean(tmp_path):
     from pipeline.config import PredictConfig
-    from pipeline.predict.scene import _batches, plan_windows, predict_region
+    from pipeline.predict.reader import read_batches
+    from pipeline.predict.scene import predict_region
+    from pipeline.predict.windows import plan_windows
 
     image = _float_scene(tmp_path / "f.tif", float("nan"))
 
@@ -129,5 +131,5 @@ def test_float_scene_prediction_windows_are_finite_and_carry_the_training_mean(t
         filled += int(np.all(images == [0.25, 0.5, 0.75], axis=-1).sum())
     assert filled > 40 * 40  # the block, seen by several overlapping windows, is the training mean
     # without a fill (test-time BatchNorm adaptation) the reader keeps NaN, which normalize_numpy makes 0
-    images, masks, _ = next(_batches(str(image), windows[:1], [1, 2, 3], 64, 1))
+    images, masks, _ = next(read_batches(str(image), windows[:1], [1, 2, 3], 1))
     assert np.array_equal(np.isnan(images[0]).any(-1), masks[0]) and masks[0].any()

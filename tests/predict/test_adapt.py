@@ -13,8 +13,9 @@ from pipeline.config import ModelConfig, PredictConfig
 from pipeline.data.stats import percentile_stats
 from pipeline.errors import SatdetError
 from pipeline.predict.adapt import FlipTTA, SceneAdapter, load_for_predict, scene_detector, scene_stats
+from pipeline.predict.exported import load_detector
 from pipeline.predict.merge import weighted_box_fusion
-from pipeline.predict.scene import load_detector, predict_region
+from pipeline.predict.scene import predict_region
 
 from .fakes import BrightSquareDetector, write_scene
 

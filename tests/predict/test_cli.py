@@ -6,14 +6,14 @@ import geopandas as gpd
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.predict import scene as scene_mod
+from pipeline.predict import exported
 
 from .fakes import BrightSquareDetector, write_scene
 
 
 def test_predict_command_writes_geojson_with_options(tmp_path, monkeypatch):
     scene = write_scene(tmp_path / "s.tif", 100, 100, [(10, 10, 20, 20), (60, 60, 70, 70)], class2=[1])
-    monkeypatch.setattr(scene_mod, "load_detector", lambda p: BrightSquareDetector(tile_size=64))
+    monkeypatch.setattr(exported, "load_detector", lambda p: BrightSquareDetector(tile_size=64))
     out = tmp_path / "d.geojson"
     result = CliRunner().invoke(app, ["predict", str(tmp_path), str(scene), "--out", str(out),
                                       "--score-threshold", "0.1", "--overlap", "24", "--batch", "2"])

@@ -1,15 +1,13 @@
-"""pipeline/predict/scene.py: windows, seams, nodata, band/dtype checks."""
+"""pipeline/predict/scene.py: whole-scene inference — seams, nodata, regions, thresholds, band/dtype checks."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 
 from pipeline.config import PredictConfig
 from pipeline.errors import SatdetError
-from pipeline.predict.scene import plan_windows, predict_region, resolve_export_dir, window_offsets
+from pipeline.predict.scene import predict_region
 
 from .fakes import BrightSquareDetector, write_scene
 
@@ -17,14 +15,6 @@ from .fakes import BrightSquareDetector, write_scene
 def _sorted(boxes):
     boxes = np.asarray(boxes, float).reshape(-1, 4)
     return boxes[np.lexsort((boxes[:, 1], boxes[:, 0]))]
-
-
-def test_window_offsets_shift_last_inward_and_pad_small():
-    assert window_offsets(0, 200, 64, 16) == [0, 48, 96, 136]
-    assert window_offsets(10, 50, 64, 16) == [10]
-    wins = plan_windows((0, 0, 200, 50), 64, 16)
-    assert len(wins) == 4 and all(w.height == 50 for w in wins)
-    assert wins[0].left_end is None and wins[0].right_start == 48 and wins[-1].right_start is None
 
 
 def test_objects_straddling_seams_are_reported_once_whole(tmp_path):
@@ -102,14 +92,6 @@ def test_band_count_and_dtype_mismatch_name_both(tmp_path):
         predict_region(BrightSquareDetector(dtype="uint16"), path, PredictConfig(overlap=16))
     with pytest.raises(SatdetError, match=r"3 band\(s\).*\[1, 2, 3, 4\]"):
         predict_region(BrightSquareDetector(bands=4), path, PredictConfig(overlap=16))
-
-
-def test_model_dir_that_is_not_an_export_is_an_error(tmp_path):
-    with pytest.raises(SatdetError, match="not a satdet model export"):
-        resolve_export_dir(tmp_path)
-    (tmp_path / "export").mkdir()
-    (tmp_path / "export" / "model_info.json").write_text(json.dumps({"tile_size": 64}))
-    assert resolve_export_dir(tmp_path) == tmp_path / "export"
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

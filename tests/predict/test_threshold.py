@@ -7,7 +7,8 @@ import pytest
 
 from pipeline.config import PredictConfig
 from pipeline.evaluate.metrics import ImageBoxes, ImageDetections, coco_metrics
-from pipeline.predict.scene import DEFAULT_OUTPUT_THRESHOLD, output_threshold, predict_region
+from pipeline.predict.exported import DEFAULT_OUTPUT_THRESHOLD, output_threshold
+from pipeline.predict.scene import predict_region
 from pipeline.train.validation import output_threshold as calibrate
 
 from .fakes import BrightSquareDetector, write_scene

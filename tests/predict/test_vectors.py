@@ -1,4 +1,4 @@
-"""pipeline/predict/export.py: GeoJSON/GeoPackage outputs are valid and round-trip to the same boxes."""
+"""pipeline/predict/vectors.py: GeoJSON/GeoPackage outputs are valid and round-trip to the same boxes."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 
 from pipeline.config import PredictConfig
 from pipeline.errors import SatdetError
-from pipeline.predict import scene as scene_mod
-from pipeline.predict.export import write_detections
+from pipeline.predict import exported
 from pipeline.predict.scene import SceneDetections, predict_scenes
+from pipeline.predict.vectors import write_detections
 
 from .fakes import ORIGIN, PIXEL, BrightSquareDetector, write_scene
 
@@ -72,7 +72,7 @@ def test_geojson_of_a_scene_without_crs_is_an_error(tmp_path):
 def test_predict_scenes_writes_per_run_and_per_scene_files(tmp_path, monkeypatch):
     a = write_scene(tmp_path / "a.tif", 100, 100, [(55, 10, 70, 25)])
     b = write_scene(tmp_path / "b.tif", 80, 80, [(5, 5, 15, 15), (40, 40, 50, 50)])
-    monkeypatch.setattr(scene_mod, "load_detector", lambda path: BrightSquareDetector())
+    monkeypatch.setattr(exported, "load_detector", lambda path: BrightSquareDetector())
     cfg = PredictConfig(overlap=24, score_threshold=0.1)
     [one] = predict_scenes(tmp_path / "model", [a, b], tmp_path / "all.geojson", cfg, show_progress=False)
     gdf = gpd.read_file(one)

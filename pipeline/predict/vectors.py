@@ -3,6 +3,9 @@
 Each detection is a polygon (the pixel box's four corners through the raster transform, so rotated
 rasters stay exact) with properties ``label`` (class name), ``label_id`` (1-based), ``score`` and
 ``scene``. Files are written atomically (temp file + rename): a reader never sees half a file.
+
+Per run, the output is one file (GeoJSON: all scenes in EPSG:4326; GeoPackage: one layer per scene in its
+CRS); per scene, a folder with one ``<scene>.<ext>`` each (`output_layout`, `write_results`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pipeline.errors import SatdetError
 from pipeline.files import atomic_path
 
 if TYPE_CHECKING:
+    from pipeline.config import PredictConfig
     from pipeline.predict.scene import SceneDetections
 
 
@@ -81,3 +85,25 @@ def write_detections(results: list[SceneDetections], out: Path, fmt: str = "geoj
                 raise SatdetError(f"{out}: no scenes to write")
         return out
     raise SatdetError(f"unknown output format {fmt!r}; use geojson or gpkg")
+
+
+def output_layout(out: Path, fmt: str | None, per_scene: bool | None, cfg: PredictConfig) -> tuple[str, bool]:
+    """(format, per scene) of a prediction run writing to `out`.
+
+    `fmt` ('geojson' | 'gpkg') defaults to the suffix of `out` (.gpkg → gpkg), else cfg.format; `per_scene`
+    defaults to cfg.per_scene, and is forced whenever `out` has no .geojson/.json/.gpkg suffix (a folder).
+    """
+    suffix = Path(out).suffix.lower()
+    fmt = fmt or ("gpkg" if suffix == ".gpkg" else "geojson" if suffix in (".geojson", ".json") else cfg.format)
+    per_scene = cfg.per_scene if per_scene is None else per_scene
+    if suffix not in (".geojson", ".json", ".gpkg"):
+        per_scene = True
+    return fmt, per_scene
+
+
+def write_results(results: list[SceneDetections], out: Path, fmt: str, per_scene: bool) -> list[Path]:
+    """Write `results` as one file `out`, or per scene as `out/<scene>.<ext>`; returns the paths written."""
+    if per_scene:
+        ext = "gpkg" if fmt == "gpkg" else "geojson"
+        return [write_detections([r], Path(out) / f"{r.scene}.{ext}", fmt) for r in results]
+    return [write_detections(results, Path(out), fmt)]

@@ -1,0 +1,74 @@
+"""The exported model as scene inference sees it: find and load it, its output threshold, and a
+scene checked against the bands and pixel type it was trained on.
+
+The export itself (SavedModel with normalisation inside, model_info.json) is written and loaded by
+pipeline.model.export; this module only resolves the folder first, so that a wrong path is a clear
+error before TensorFlow is even imported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from pipeline.config import PredictConfig
+from pipeline.errors import SatdetError
+
+DEFAULT_OUTPUT_THRESHOLD = 0.3  # for exports without a validation-calibrated threshold
+
+
+class Detector(Protocol):
+    """What scene inference needs from a model: `.info` (model_info.json) and batch prediction on raw pixels."""
+
+    info: dict[str, Any]
+
+    def predict(self, images: np.ndarray) -> dict[str, np.ndarray]: ...
+
+
+def resolve_export_dir(path: str | Path) -> Path:
+    """Accept an export folder or a model folder holding `export/`; anything else is a SatdetError."""
+    path = Path(path)
+    for candidate in (path, path / "export"):
+        if (candidate / "model_info.json").is_file():
+            return candidate
+    if not path.exists():
+        raise SatdetError(f"{path}: model folder not found; pass runs/<name>/model/export (or runs/<name>/model)")
+    raise SatdetError(f"{path}: not a satdet model export (no model_info.json); pass the export/ folder written "
+                      "by training (runs/<name>/model/export)")
+
+
+def load_detector(export_dir: str | Path) -> Detector:
+    """Load an exported model (pipeline.model.export.load_exported) after checking it is an export."""
+    export_dir = resolve_export_dir(export_dir)  # a clear error before TensorFlow is even imported
+    from pipeline.model.export import load_exported
+
+    return load_exported(export_dir)
+
+
+def output_threshold(cfg: PredictConfig, info: dict[str, Any]) -> float:
+    """predict.score_threshold, or when unset the export's calibrated threshold (model_info.json), else 0.3."""
+    if cfg.score_threshold is not None:
+        return float(cfg.score_threshold)
+    calibrated = (info.get("output_threshold") or {}).get("score_threshold")
+    return float(calibrated) if calibrated is not None else DEFAULT_OUTPUT_THRESHOLD
+
+
+def model_bands(info: dict[str, Any]) -> list[int]:
+    """1-based source band indices the model was trained on."""
+    bands = info.get("bands") or (info.get("stats") or {}).get("bands")
+    return [int(b) for b in bands] if bands else list(range(1, int(info["channels"]) + 1))
+
+
+def check_scene(ds: Any, path: str | Path, info: dict[str, Any]) -> list[int]:
+    """Band count and dtype of the scene against the model; returns the bands to read."""
+    bands = model_bands(info)
+    want_dtype = str(info.get("dtype") or (info.get("stats") or {}).get("dtype"))
+    if max(bands) > ds.count:
+        raise SatdetError(f"{path}: scene has {ds.count} band(s) but the model was trained on bands {bands} "
+                          f"({len(bands)} channels); predict on imagery with the training bands")
+    if ds.dtypes[0] != want_dtype:
+        raise SatdetError(f"{path}: scene dtype is {ds.dtypes[0]} but the model was trained on {want_dtype} "
+                          "pixels; convert the scene (e.g. gdal_translate -ot) or retrain on this dtype")
+    return bands
