@@ -241,6 +241,9 @@ def run_cocoeval(
     return ev
 
 
+_SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR", "ARs", "ARm", "ARl")
+
+
 def coco_metrics(
     gt: list[ImageBoxes],
     det: list[ImageDetections],
@@ -250,65 +253,98 @@ def coco_metrics(
 ) -> dict[str, Any]:
     """All detection metrics for per-image pixel boxes (see the module docstring for definitions)."""
     _check(gt, det, class_names)
-    k_classes = len(class_names)
-    n_gt = int(sum(len(g.labels) for g in gt))
-    n_det = int(sum(len(d.labels) for d in det))
-    base: dict[str, Any] = {"max_dets": int(max_dets), "n_images": len(gt), "n_gt": n_gt, "n_det": n_det,
-                            "area_ranges_px2": {k: list(v) for k, v in AREA_RANGES.items()}}
-    keys = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR", "ARs", "ARm", "ARl")
+    counts = _counts(gt, det, max_dets)
     if not gt:
-        undefined = {k: -1.0 for k in keys}
-        per_class = {n: {"AP": -1.0, "AP50": -1.0, "AP75": -1.0, "VOC_AP50": -1.0, "n_gt": 0, "n_det": 0}
-                     for n in class_names}
-        prf = {f"{t:g}": _prf_at_best_f1_empty() for t in f1_ious}
-        return {**undefined, "VOC_AP50": -1.0, **base, "per_class": per_class, "prf": prf,
-                "pr_curve": {"iou": 0.5, "recall": [], "mean": [], "per_class": {}}}
-
+        return _undefined_metrics(class_names, f1_ious, counts)
     ev = run_cocoeval(gt, det, class_names, max_dets, tuple(f1_ious))
-    p = ev.params
-    ious = np.asarray(p.iouThrs)
-    coco_t = np.arange(len(COCO_IOUS))
-    m = p.maxDets.index(int(max_dets))
-    precision, recall = ev.eval["precision"], ev.eval["recall"]  # [T,R,K,A,M], [T,K,A,M]
+    acc = _Accumulated(ev, max_dets)
+    out = _summary(acc)
+    per_class = _per_class(acc, gt, det, class_names)
+    out["VOC_AP50"] = _mean_valid(np.asarray([c["VOC_AP50"] for c in per_class.values()]))
+    out.update(counts)
+    out["per_class"] = per_class
+    out["prf"] = {f"{t:g}": _prf_at_best_f1(ev, acc.t_index(t), len(gt), len(class_names)) for t in f1_ious}
+    out["pr_curve"] = _pr_curve(acc, class_names, per_class)
+    return out
 
-    def t_index(value: float) -> int:
-        return int(np.flatnonzero(np.isclose(ious, value))[0])
 
-    def ap(a: int = 0, t: Any = coco_t, k: Any = slice(None)) -> float:
-        return _mean_valid(precision[t][:, :, k, a, m])
+class _Accumulated:
+    """pycocotools' accumulated precision [T,R,K,A,M] and recall [T,K,A,M], read at `max_dets`."""
 
-    def ar(a: int = 0) -> float:
-        return _mean_valid(recall[coco_t][:, :, a, m])
+    def __init__(self, ev: Any, max_dets: int) -> None:
+        self.precision, self.recall = ev.eval["precision"], ev.eval["recall"]
+        self.ious = np.asarray(ev.params.iouThrs)
+        self.recall_points = np.asarray(ev.params.recThrs)
+        self.m = ev.params.maxDets.index(int(max_dets))
+        self.coco_t = np.arange(len(COCO_IOUS))
 
-    out: dict[str, Any] = {
-        "AP": ap(), "AP50": ap(t=[t_index(0.5)]), "AP75": ap(t=[t_index(0.75)]),
-        "APs": ap(1), "APm": ap(2), "APl": ap(3),
-        "AR": ar(), "ARs": ar(1), "ARm": ar(2), "ARl": ar(3),
+    def t_index(self, value: float) -> int:
+        """Index of IoU threshold `value` (one of the COCO ten or an extra one)."""
+        return int(np.flatnonzero(np.isclose(self.ious, value))[0])
+
+    def ap(self, a: int = 0, t: Any = None, k: Any = slice(None)) -> float:
+        """Mean precision over IoU thresholds `t` (None: the COCO ten), area index `a`, classes `k`."""
+        t = self.coco_t if t is None else t
+        return _mean_valid(self.precision[t][:, :, k, a, self.m])
+
+    def ar(self, a: int = 0) -> float:
+        """Mean recall over the COCO IoU thresholds at area index `a`."""
+        return _mean_valid(self.recall[self.coco_t][:, :, a, self.m])
+
+
+def _counts(gt: list[ImageBoxes], det: list[ImageDetections], max_dets: int) -> dict[str, Any]:
+    return {"max_dets": int(max_dets), "n_images": len(gt), "n_gt": int(sum(len(g.labels) for g in gt)),
+            "n_det": int(sum(len(d.labels) for d in det)),
+            "area_ranges_px2": {k: list(v) for k, v in AREA_RANGES.items()}}
+
+
+def _undefined_metrics(class_names: list[str], f1_ious: tuple[float, ...], counts: dict[str, Any]
+                       ) -> dict[str, Any]:
+    """The metrics of no images: every value undefined (-1), as pycocotools has it."""
+    undefined = {k: -1.0 for k in _SUMMARY_KEYS}
+    per_class = {n: {"AP": -1.0, "AP50": -1.0, "AP75": -1.0, "VOC_AP50": -1.0, "n_gt": 0, "n_det": 0}
+                 for n in class_names}
+    prf = {f"{t:g}": _prf_at_best_f1_empty() for t in f1_ious}
+    return {**undefined, "VOC_AP50": -1.0, **counts, "per_class": per_class, "prf": prf,
+            "pr_curve": {"iou": 0.5, "recall": [], "mean": [], "per_class": {}}}
+
+
+def _summary(acc: _Accumulated) -> dict[str, Any]:
+    """AP@[.5:.95], AP50, AP75, AP per size bucket, AR and AR per size bucket."""
+    t50, t75 = [acc.t_index(0.5)], [acc.t_index(0.75)]
+    return {
+        "AP": acc.ap(), "AP50": acc.ap(t=t50), "AP75": acc.ap(t=t75),
+        "APs": acc.ap(1), "APm": acc.ap(2), "APl": acc.ap(3),
+        "AR": acc.ar(), "ARs": acc.ar(1), "ARm": acc.ar(2), "ARl": acc.ar(3),
     }
-    per_class = {}
-    voc = []
-    for k, name in enumerate(class_names):
-        v = voc_ap(gt, det, k + 1)
-        voc.append(v)
-        per_class[name] = {
-            "AP": ap(k=[k]), "AP50": ap(t=[t_index(0.5)], k=[k]), "AP75": ap(t=[t_index(0.75)], k=[k]),
-            "VOC_AP50": v,
+
+
+def _per_class(acc: _Accumulated, gt: list[ImageBoxes], det: list[ImageDetections], class_names: list[str]
+               ) -> dict[str, dict[str, Any]]:
+    """Per class: COCO AP, AP50, AP75, VOC AP50 and the ground-truth and detection counts."""
+    t50, t75 = [acc.t_index(0.5)], [acc.t_index(0.75)]
+    return {
+        name: {
+            "AP": acc.ap(k=[k]), "AP50": acc.ap(t=t50, k=[k]), "AP75": acc.ap(t=t75, k=[k]),
+            "VOC_AP50": voc_ap(gt, det, k + 1),
             "n_gt": int(sum(np.count_nonzero(g.labels == k + 1) for g in gt)),
             "n_det": int(sum(np.count_nonzero(d.labels == k + 1) for d in det)),
         }
-    out["VOC_AP50"] = _mean_valid(np.asarray(voc))
-    out.update(base)
-    out["per_class"] = per_class
-    out["prf"] = {f"{t:g}": _prf_at_best_f1(ev, t_index(t), len(gt), k_classes) for t in f1_ious}
-    t50 = t_index(0.5)
-    curves = {name: precision[t50, :, k, 0, m].tolist() for k, name in enumerate(class_names)
+        for k, name in enumerate(class_names)
+    }
+
+
+def _pr_curve(acc: _Accumulated, class_names: list[str], per_class: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """COCO's interpolated precision at the 101 recall points (IoU 0.5, all sizes): per class with ground
+    truth, and the mean over the classes defined at each point."""
+    t50 = acc.t_index(0.5)
+    curves = {name: acc.precision[t50, :, k, 0, acc.m].tolist() for k, name in enumerate(class_names)
               if per_class[name]["n_gt"] > 0}
-    pr = precision[t50, :, :, 0, m]
+    pr = acc.precision[t50, :, :, 0, acc.m]
     valid = pr > -1
     mean_curve = np.where(valid.any(1), np.where(valid, pr, 0).sum(1) / np.maximum(valid.sum(1), 1), -1.0)
-    out["pr_curve"] = {"iou": 0.5, "recall": np.asarray(p.recThrs).round(4).tolist(),
-                       "mean": mean_curve.tolist(), "per_class": curves}
-    return out
+    return {"iou": 0.5, "recall": acc.recall_points.round(4).tolist(), "mean": mean_curve.tolist(),
+            "per_class": curves}
 
 
 def _prf_at_best_f1_empty() -> dict[str, float]:
