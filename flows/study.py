@@ -2,7 +2,9 @@
 report, with the results as a table artifact and the report as a markdown artifact.
 
 Runs are called one after another on the flow's main thread (TensorFlow wants it, and they share the
-machine). A run that diverges or fails is a *result*, not a failed task: the study goes on. Finished runs
+machine); on a Dask task runner (`satdet experiment clipping --dask`) they are submitted instead, one task
+per run, and train side by side in the workers (each run has its own folder; the report waits for all).
+A run that diverges or fails is a *result*, not a failed task: the study goes on. Finished runs
 whose config and tiles are unchanged are reused (`force=True` re-runs them).
 """
 
@@ -18,6 +20,7 @@ from flows.alerts import on_run_failure
 from flows.locking import run_folder_lock
 from flows.reporting import slug
 from flows.runlog import pipeline_logs_to_run
+from flows.scaleout import on_dask
 from pipeline.config import Config, load_config, save_config
 
 
@@ -81,6 +84,17 @@ def clipping_study(
         return _clipping_study(config, plan, run_dir, force, logger)
 
 
+def _run_all(config: Config, plan: Any, runs: list[Any], tiles_dir: Path, out_dir: Path, force: bool
+             ) -> list[dict[str, Any]]:
+    """Every run's result, in plan order: submitted to the Dask workers all at once, or else called one
+    after another on the main thread (TensorFlow wants it, and the runs share the machine)."""
+    if on_dask():
+        futures = [study_run.submit(config, plan, spec, tiles_dir, out_dir, force, run_id=spec.run_id)
+                   for spec in runs]
+        return [f.result() for f in futures]
+    return [study_run(config, plan, spec, tiles_dir, out_dir, force, run_id=spec.run_id) for spec in runs]
+
+
 def _clipping_study(config: Config, plan: Any, run_dir: Path, force: bool, logger: Any) -> dict[str, Any]:
     from pipeline.study.report import read_results
     from pipeline.study.runner import check_tiles
@@ -92,9 +106,8 @@ def _clipping_study(config: Config, plan: Any, run_dir: Path, force: bool, logge
     save_config(config, run_dir / "config.yaml")
 
     runs = plan.runs()
-    logger.info("%d runs × %d steps → %s", len(runs), plan.steps, out_dir)
-    for spec in runs:  # called, not submitted: the main thread, one run at a time
-        result = study_run(config, plan, spec, tiles_dir, out_dir, force, run_id=spec.run_id)
+    logger.info("%d runs × %d steps → %s%s", len(runs), plan.steps, out_dir, " (on Dask)" if on_dask() else "")
+    for spec, result in zip(runs, _run_all(config, plan, runs, tiles_dir, out_dir, force), strict=True):
         logger.info("%s: %s", spec.run_id, result.get("status"))
     out = study_report(config, plan, out_dir)
 

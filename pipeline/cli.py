@@ -527,6 +527,11 @@ def experiment_clipping_cmd(
     report_only: Annotated[
         bool, typer.Option("--report-only", help="Train nothing: rewrite the report from the stored runs.")
     ] = False,
+    dask: Annotated[
+        bool, typer.Option("--dask", help="Train the runs side by side as Prefect tasks on Dask: a LocalCluster "
+                           "(tiling.workers processes, at most one per run) or the cluster at --dask-address.")
+    ] = False,
+    dask_address: DaskAddressOpt = None,
 ) -> None:
     """Train once per (strategy, learning rate, seed) on the same tiles and step budget; writes run_dir/study/
     (results.csv, report.md, curves.png). Tiles first if run_dir/tiles is missing."""
@@ -544,7 +549,12 @@ def experiment_clipping_cmd(
         target_fraction=target_fraction,
     )
     tiles, study = cfg.run_dir / "tiles", cfg.run_dir / "study"
-    if report_only:
+    if (dask or dask_address) and report_only:
+        raise SatdetError("--report-only trains nothing: drop --dask / --dask-address")
+    if dask or dask_address:
+        typer.echo(f"{len(plan.runs())} runs × {steps} steps on Dask → {study}")
+        out = _clipping_study_on_dask(config, set_, plan, force, dask_address, cfg.tiling.workers)
+    elif report_only:
         out = run_study(cfg, tiles, study, plan, report_only=True)
     else:
         if not (tiles / "stats.json").exists():
@@ -559,6 +569,21 @@ def experiment_clipping_cmd(
             out = run_study(cfg, tiles, study, plan, force=force, on_event=progress)
     for name in ("results.csv", "report.md", "curves.png"):
         typer.echo(f"{name}: {out / name}")
+
+
+def _clipping_study_on_dask(config: Path, set_: list[str] | None, plan: Any, force: bool, address: str | None,
+                            tiling_workers: int) -> Path:
+    """The clipping study as its Prefect flow on a DaskTaskRunner (one task per run); the study folder."""
+    _prefect_env()
+    from flows.scaleout import dask_task_runner, local_workers
+    from flows.study import clipping_study
+
+    workers = min(local_workers(tiling_workers), len(plan.runs()))
+    flow_ = clipping_study.with_options(task_runner=dask_task_runner(address, workers))
+    result = flow_(config_path=str(config), overrides=list(set_ or []), strategies=list(plan.strategies),
+                   lrs=list(plan.lrs), steps=plan.steps, seeds=list(plan.seeds),
+                   target_fraction=plan.target_fraction, force=force)
+    return Path(result["study"])
 
 
 # ------------------------------------------------------------------------------------ environment (issue 8)
