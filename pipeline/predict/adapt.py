@@ -3,7 +3,8 @@
     base = load_for_predict(export_dir, cfg)           # the SavedModel, or its Keras model to adapt
     adapted = scene_detector(base, scene, cfg, region) # a Detector for scene inference (predict_region)
 
-Three options of `predict:` (all off by default; docs/predict.md has their measured effect):
+Three options of `predict:` (scene normalisation on by default, the others off; docs/predict.md has their
+measured effect):
 
 * `normalize: scene` — the scene is normalised with its own per-band statistics (the same percentile
   stretch as tiles/stats.json: low/high percentiles, mean/std of the clipped pixels), measured on a
@@ -24,7 +25,7 @@ normalises with the scene's own statistics directly and can re-estimate BatchNor
 statistics it gives the same detections as the SavedModel (tested). For any other detector taking raw
 pixels (an export without Keras weights), scene normalisation moves the pixels from the scene's stretch
 onto the training one before the detector normalises them (`SceneNormalized`; integer pixels are
-rounded, which measured a little lower: Florida AP50 0.282 against 0.307).
+rounded, which costs a little accuracy: docs/predict.md).
 """
 
 from __future__ import annotations
