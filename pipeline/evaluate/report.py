@@ -17,28 +17,28 @@ def _f(v: Any) -> str:
     return str(v)
 
 
+def _table(head: list[str], rows: list[list[Any]]) -> list[str]:
+    """A markdown table: the header, its rule, one line per row (cells as given)."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)]
+
+
 def _summary_rows(metrics: dict[str, Any]) -> list[str]:
     keys = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR", "VOC_AP50", "n_gt", "n_det"]
-    rows = ["| metric | scene | tile |", "|---|---|---|"]
-    for k in keys:
-        rows.append(f"| {k} | {_f((metrics.get('scene') or {}).get(k))} | {_f((metrics.get('tile') or {}).get(k))} |")
-    return rows
+    scene, tile = metrics.get("scene") or {}, metrics.get("tile") or {}
+    return _table(["metric", "scene", "tile"], [[k, _f(scene.get(k)), _f(tile.get(k))] for k in keys])
 
 
 def _prf_rows(m: dict[str, Any]) -> list[str]:
-    rows = ["| IoU | score threshold | precision | recall | F1 | TP | FP | FN |", "|---|---|---|---|---|---|---|---|"]
-    for iou, p in (m.get("prf") or {}).items():
-        rows.append(f"| {iou} | {_f(p['score_threshold'])} | {_f(p['precision'])} | {_f(p['recall'])} | "
-                    f"{_f(p['f1'])} | {p['tp']} | {p['fp']} | {p['fn']} |")
-    return rows
+    return _table(["IoU", "score threshold", "precision", "recall", "F1", "TP", "FP", "FN"],
+                  [[iou, _f(p["score_threshold"]), _f(p["precision"]), _f(p["recall"]), _f(p["f1"]),
+                    p["tp"], p["fp"], p["fn"]] for iou, p in (m.get("prf") or {}).items()])
 
 
 def _class_rows(m: dict[str, Any]) -> list[str]:
-    rows = ["| class | AP | AP50 | AP75 | VOC AP50 | GT | detections |", "|---|---|---|---|---|---|---|"]
-    for name, c in (m.get("per_class") or {}).items():
-        rows.append(f"| {name} | {_f(c['AP'])} | {_f(c['AP50'])} | {_f(c['AP75'])} | {_f(c['VOC_AP50'])} | "
-                    f"{c['n_gt']} | {c['n_det']} |")
-    return rows
+    return _table(["class", "AP", "AP50", "AP75", "VOC AP50", "GT", "detections"],
+                  [[name, _f(c["AP"]), _f(c["AP50"]), _f(c["AP75"]), _f(c["VOC_AP50"]), c["n_gt"], c["n_det"]]
+                   for name, c in (m.get("per_class") or {}).items()])
 
 
 def _scene_rows(metrics: dict[str, Any]) -> list[str]:
