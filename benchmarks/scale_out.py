@@ -8,8 +8,12 @@ Both modes run the same tasks (flows.training: plan-tiling, tile-scene, finalize
 one predict-scenes task per scene of an output folder) with the cache refreshed, against a temporary
 Prefect API; the JSON has the wall time of each mode, serial / Dask ratios, and whether the outputs are
 byte-identical (tiles: every shard, manifest and stats file; detections: every GeoJSON). The model is
-an untrained tiny detector exported as a SavedModel (speed only; score threshold 0.3). Needs
-`pip install "satdet[dask]"`. On a machine busy with other work the ratio says little: note the load.
+an untrained tiny detector exported as a SavedModel (speed only; score threshold 0.3).
+
+The row-block case ("row_blocks" in the JSON): ONE scene (the first, or a new one of `--big-size`) tiled as
+one tile-scene task, then on the LocalCluster as 2 × workers tile-row-block tasks and their merge
+(tiling.row_block_windows), with the same byte comparison. Needs `pip install "satdet[dask]"`. On a
+machine busy with other work the ratio says little: note the load.
 """
 
 from __future__ import annotations
@@ -41,15 +45,12 @@ def _tile_flow():
     from flows import training
 
     @flow(name="scale-out-tiling")
-    def tile_scenes(config_path: str, work: str, out: str, workers: int) -> str:
+    def tile_scenes(config_path: str, work: str, out: str, overrides: list[str] | None = None) -> str:
         from pipeline.config import load_config
 
-        config = load_config(config_path)
+        config = load_config(config_path, overrides or [])
         training.plan_tiling(config, Path(work), force=True)
-        n = len(config.tiling.scenes)
-        task_ = training.tile_scene.with_options(refresh_cache=True)
-        limit = n if training.on_dask() else workers
-        outputs = training._bounded_map(task_, config, n, Path(work), limit)
+        outputs = training.tile_all_scenes(config, Path(work), refresh=True)  # tiling.workers: 1 when serial
         return str(training.finalize_tiling.with_options(refresh_cache=True)(config, outputs, Path(out)))
 
     return tile_scenes
@@ -70,52 +71,100 @@ def _export(work: Path, classes: list[str], tile: int) -> Path:
     return export_model(model, stats, classes, work / "model" / "export", tile_size=tile)
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scenes", type=int, default=8)
     p.add_argument("--size", type=int, default=4096, help="Scene edge in pixels.")
     p.add_argument("--workers", type=int, default=2, help="Dask LocalCluster worker processes.")
     p.add_argument("--tile", type=int, default=256)
+    p.add_argument("--big-size", type=int, default=0,
+                   help="Edge of the one scene of the row-block case; 0 = the first scene of --size.")
     p.add_argument("--out", type=Path, help="Also write the JSON here.")
-    args = p.parse_args()
+    return p.parse_args()
 
+
+def _write_config(path: Path, work: Path, scenes: list, tile: int) -> Path:
     import yaml
+
+    from pipeline.geo.synth import DEFAULT_CLASSES
+
+    path.write_text(yaml.safe_dump({
+        "name": "scale", "runs_dir": str(work / "runs"), "classes": list(DEFAULT_CLASSES),
+        "tiling": {"scenes": [{"image": str(s.image), "labels": str(s.labels)} for s in scenes],
+                   "tile_size": tile, "overlap": 0, "workers": 1, "shard_size": 256},
+    }))
+    return path
+
+
+def _timed(fn, *args, **kwargs) -> float:
+    t0 = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - t0
+
+
+def _many_scenes(args: argparse.Namespace, work: Path, config: Path, images: list[str]) -> dict[str, float]:
+    """Tiling and prediction of every scene, serially then on a LocalCluster; wall times."""
+    from flows.prediction import predict_scenes
+    from flows.scaleout import dask_task_runner
+    from pipeline.geo.synth import DEFAULT_CLASSES
+
+    export = _export(work, list(DEFAULT_CLASSES), args.tile)
+    predict = {"score_threshold": 0.3, "overlap": 32, "batch_size": 4}
+    tile_flow = _tile_flow()
+    timings: dict[str, float] = {}
+    for mode in ("serial", "dask"):
+        on_dask = mode == "dask"
+        tiles_flow = tile_flow.with_options(task_runner=dask_task_runner(workers=args.workers)) if on_dask else tile_flow
+        timings[f"tile_{mode}_s"] = _timed(tiles_flow, str(config), str(work / f"work-{mode}"),
+                                           str(work / f"tiles-{mode}"))
+        pred_flow = predict_scenes.with_options(task_runner=dask_task_runner(workers=args.workers)) \
+            if on_dask else predict_scenes
+        timings[f"predict_{mode}_s"] = _timed(pred_flow, str(export), images, str(work / f"pred-{mode}"),
+                                              predict=predict, force=True)
+    return timings
+
+
+def _row_blocks(args: argparse.Namespace, work: Path, config: Path) -> dict:
+    """One scene: one tile-scene task (default runner) vs its row blocks on a LocalCluster."""
+    import math
+
+    from flows.scaleout import dask_task_runner
+    from pipeline.geo.plan import tile_starts
+
+    tile_flow = _tile_flow()
+    edge = args.big_size or args.size
+    n_windows = len(tile_starts(edge, args.tile, 0)) ** 2
+    per_block = math.ceil(n_windows / (2 * args.workers))  # two blocks per worker
+    whole_s = _timed(tile_flow, str(config), str(work / "big-work-whole"), str(work / "big-tiles-whole"))
+    on_dask = tile_flow.with_options(task_runner=dask_task_runner(workers=args.workers))
+    blocks_s = _timed(on_dask, str(config), str(work / "big-work-blocks"), str(work / "big-tiles-blocks"),
+                      [f"tiling.row_block_windows={per_block}"])
+    same = _digests(work / "big-tiles-whole") == _digests(work / "big-tiles-blocks")
+    return {"scene_px": [edge, edge], "windows": n_windows, "row_block_windows": per_block,
+            "blocks": len(list((work / "big-work-blocks").glob("scene-0000-rows-*"))),
+            "tile_whole_s": round(whole_s, 2), "tile_blocks_dask_s": round(blocks_s, 2),
+            "speedup": round(whole_s / blocks_s, 3), "tiles_byte_identical": same}
+
+
+def main() -> None:
+    args = _args()
     from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.prediction import predict_scenes
-    from flows.scaleout import dask_task_runner
-    from pipeline.geo.synth import DEFAULT_CLASSES, make_scenes
+    from pipeline.geo.synth import make_scene, make_scenes
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
         scenes = make_scenes(work / "scenes", n_scenes=args.scenes, size=args.size)
+        big = [make_scene(work / "scenes", "big", args.big_size, args.big_size, seed=7)] if args.big_size else scenes[:1]
         synth_s = time.perf_counter() - t0
-        config = work / "scale.yaml"
-        config.write_text(yaml.safe_dump({
-            "name": "scale", "runs_dir": str(work / "runs"), "classes": list(DEFAULT_CLASSES),
-            "tiling": {"scenes": [{"image": str(s.image), "labels": str(s.labels)} for s in scenes],
-                       "tile_size": args.tile, "overlap": 0, "workers": 1, "shard_size": 256},
-        }))
-        export = _export(work, list(DEFAULT_CLASSES), args.tile)
-        images = [str(s.image) for s in scenes]
-        predict = {"score_threshold": 0.3, "overlap": 32, "batch_size": 4}
-        tile_flow = _tile_flow()
-        timings: dict[str, float] = {}
+        config = _write_config(work / "scale.yaml", work, scenes, args.tile)
+        big_config = _write_config(work / "big.yaml", work, big, args.tile)
         with (temporary_settings(updates={PREFECT_LOCAL_STORAGE_PATH: str(work / "results")}),
               prefect_test_harness(server_startup_timeout=180)):
-            for mode in ("serial", "dask"):
-                runner = dask_task_runner(workers=args.workers) if mode == "dask" else None
-                tiles_flow = tile_flow.with_options(task_runner=runner) if runner else tile_flow
-                t0 = time.perf_counter()
-                tiles_flow(str(config), str(work / f"work-{mode}"), str(work / f"tiles-{mode}"), 1)
-                timings[f"tile_{mode}_s"] = time.perf_counter() - t0
-                pred_flow = predict_scenes.with_options(task_runner=dask_task_runner(workers=args.workers)) \
-                    if mode == "dask" else predict_scenes
-                t0 = time.perf_counter()
-                pred_flow(str(export), images, str(work / f"pred-{mode}"), predict=predict, force=True)
-                timings[f"predict_{mode}_s"] = time.perf_counter() - t0
+            timings = _many_scenes(args, work, config, [str(s.image) for s in scenes])
+            row_blocks = _row_blocks(args, work, big_config)
         tiles_same = _digests(work / "tiles-serial") == _digests(work / "tiles-dask")
         preds_same = _digests(work / "pred-serial") == _digests(work / "pred-dask")
         n_tiles = sum(1 for _ in (work / "tiles-serial" / "manifest.jsonl").open())
@@ -130,6 +179,7 @@ def main() -> None:
         "total_speedup": round((timings["tile_serial_s"] + timings["predict_serial_s"])
                                / (timings["tile_dask_s"] + timings["predict_dask_s"]), 3),
         "tiles_byte_identical": tiles_same, "detections_byte_identical": preds_same,
+        "row_blocks": row_blocks,
         "synth_s": round(synth_s, 1), "cpus": os.cpu_count(), "load_average_1m": round(os.getloadavg()[0], 2),
         "python": platform.python_version(),
     }
@@ -137,7 +187,7 @@ def main() -> None:
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
-    if not (tiles_same and preds_same):
+    if not (tiles_same and preds_same and row_blocks["tiles_byte_identical"]):
         raise SystemExit("outputs differ between the serial and the Dask run")
 
 
