@@ -34,7 +34,7 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "tile-row-block": ("pipeline.geo.blocks",),
     "merge-row-blocks": ("pipeline.geo.blocks",),
     "finalize-tiling": ("pipeline.geo.tiling",),
-    "build-dataset": ("pipeline.data.dataset",),
+    "build-dataset": ("pipeline.data.check",),
     "train": ("pipeline.train.run",),
     "evaluate": ("pipeline.evaluate.run",),
     "predict-scenes": ("pipeline.predict.scene", "pipeline.predict.adapt", "pipeline.predict.vectors"),

@@ -146,9 +146,9 @@ def finalize_tiling(config: Config, scene_outputs: list[Path], out_dir: Path) ->
 def build_dataset(config: Config, tiles_dir: Path) -> Path:
     """Check the tiles make a usable tf.data input (writes tiles/dataset.json)."""
     import_tensorflow()  # quietly, also when a Prefect worker (not the CLI) runs the flow
-    from pipeline.data import dataset
+    from pipeline.data import check
 
-    return Path(dataset.run_dataset_check(config, Path(tiles_dir)))
+    return Path(check.run_dataset_check(config, Path(tiles_dir)))
 
 
 @task(

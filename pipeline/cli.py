@@ -163,7 +163,7 @@ def dataset_cmd(
     split: Annotated[str, typer.Option("--split", help="Split to preview (train is shown augmented).")] = "train",
 ) -> None:
     """Check the tiles for training (writes run_dir/tiles/dataset.json); --preview N draws what the model sees."""
-    from pipeline.data.dataset import run_dataset_check
+    from pipeline.data.check import run_dataset_check
 
     cfg = load(config, set_)
     import_tensorflow()

@@ -32,7 +32,8 @@ def write_preview(config: Any, tiles_dir: str | Path, n: int = 16, split: str = 
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from pipeline.data.dataset import build_dataset, checked_iter
+    from pipeline.data.dataset import build_dataset
+    from pipeline.data.explain import checked_iter
 
     tiles_dir = Path(tiles_dir)
     out = Path(out) if out is not None else tiles_dir / "preview.png"

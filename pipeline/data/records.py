@@ -12,8 +12,8 @@ Features:
 
 Writing needs no TensorFlow: `encode_tile` writes the tf.train.Example protobuf wire format directly and
 `RecordWriter` frames records as TFRecord (length, masked CRC-32C of the length, data, masked CRC-32C of
-the data). Importing TensorFlow costs 5–10 s per process; the tiling stage and its worker processes
-never pay it. Reading (`parse_tile`, `decode_tile_numpy`) uses TensorFlow.
+the data). Importing TensorFlow is slow, and the tiling stage and its worker processes never pay for
+it. Reading (`parse_tile`, `decode_tile_numpy`) uses TensorFlow.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ Encoding = Literal["raw", "png"]
 ENCODINGS = ("raw", "png")
 PNG_DTYPES = {"uint8", "uint16"}
 PNG_CHANNELS = {1, 3, 4}
-# prefix of in-graph assertion messages, so pipeline.data.dataset can turn them into one-line SatdetErrors
+# prefix of in-graph assertion messages, so pipeline.data.explain can turn them into one-line SatdetErrors
 ERROR_TAG = "SATDET: "
 # dtypes tf.io.decode_raw can read back (it has no uint32/uint64)
 RAW_DTYPES = ("uint8", "int8", "uint16", "int16", "int32", "int64", "float16", "float32", "float64")

@@ -137,7 +137,7 @@ def numpy_normalizer(stats: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray
 
     Same formula and float32 arithmetic as `normalize`. For uint8 it is a per-band 256-entry lookup
     table built with `normalize_numpy` and applied with cv2.LUT: one pass instead of five elementwise
-    TF ops (measured ~0.3 ms vs ~5 ms for a 400 px RGB tile on this machine).
+    TF ops.
     """
     channels = int(stats["channels"])
     if np.dtype(stats["dtype"]) == np.uint8:

@@ -130,8 +130,8 @@ def evaluate_tiles(config: Config, detector: Any, tiles_dir: Path, batch: int = 
     """Per-tile metrics on the split's shards through the exported model; (None, 0) when there are none."""
     import tensorflow as tf
 
-    from pipeline.data.dataset import shard_paths
     from pipeline.data.records import decode_tile_numpy
+    from pipeline.data.tiles import shard_paths
 
     shards = shard_paths(tiles_dir, config.evaluate.split)
     if not shards:

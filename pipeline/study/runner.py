@@ -186,7 +186,7 @@ def run_study(
 
 def check_tiles(tiles_dir: Path) -> None:
     """The study needs train tiles to learn from and val tiles to score (one-line errors otherwise)."""
-    from pipeline.data.dataset import tile_count
+    from pipeline.data.tiles import tile_count
 
     if not (tiles_dir / "stats.json").exists():
         raise SatdetError(f"{tiles_dir}: no tiles yet; run `satdet tile CONFIG` first")

@@ -20,8 +20,9 @@ def run_training(config: Config, tiles_dir: Path, model_dir: Path, resume: bool 
     """Train the detector on `tiles_dir` per `config.train`; returns `model_dir`, which then holds
     checkpoints/, tensorboard/, train_log.jsonl, best/ (when there is a val split), train_summary.json and
     export/ (the best validation weights when validated, else the last ones)."""
-    from pipeline.data.dataset import build_dataset, tile_count
+    from pipeline.data.dataset import build_dataset
     from pipeline.data.stats import load_stats
+    from pipeline.data.tiles import tile_count
     from pipeline.files import atomic_write_json
     from pipeline.model.export import export_model
 
@@ -62,7 +63,8 @@ def fit_on_tiles(
 ) -> dict[str, Any]:
     """`fit` a model from `build_for_training` on the train split of `tiles_dir` (an input-pipeline error
     names the tiles); `fit_options` are fit's keyword options (resume, evaluate_fn, progress, ...)."""
-    from pipeline.data.dataset import build_dataset, explain_data_error
+    from pipeline.data.dataset import build_dataset
+    from pipeline.data.explain import explain_data_error
 
     return fit(
         model,

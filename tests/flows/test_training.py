@@ -18,7 +18,7 @@ from flowkit import count_calls as _count
 from flowkit import fake_evaluation as _fake_evaluation
 from flowkit import fake_training as _fake_training
 
-import pipeline.data.dataset as dataset_stage
+import pipeline.data.check as dataset_stage
 import pipeline.evaluate.run as eval_stage
 import pipeline.geo.tiling as tiling_stage
 import pipeline.train.run as train_stage
