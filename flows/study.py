@@ -22,6 +22,7 @@ from flows.reporting import slug
 from flows.runlog import pipeline_logs_to_run
 from flows.scaleout import on_dask
 from pipeline.config import Config, load_config, save_config
+from pipeline.study.plan import LRS, SEEDS, STEPS, STRATEGIES, TARGET_FRACTION, StudyPlan
 
 
 @task(name="study-tile")
@@ -55,9 +56,9 @@ def clipping_study(
     overrides: list[str] | None = None,
     strategies: list[str] | None = None,
     lrs: list[float] | None = None,
-    steps: int = 80,
+    steps: int = STEPS,
     seeds: list[int] | None = None,
-    target_fraction: float = 0.5,
+    target_fraction: float = TARGET_FRACTION,
     force: bool = False,
 ) -> dict[str, Any]:
     """Compare clipping strategies on one config: same tiles, model, seeds and step budget for every run.
@@ -65,19 +66,17 @@ def clipping_study(
     Args:
         config_path: YAML config; its `train.clip` block supplies every strategy's thresholds.
         overrides: `section.key=value` overrides applied on top of the file.
-        strategies: clipping strategies (default: none, global_norm, value, loss_adaptive, autoclip, agc, zclip).
-        lrs: peak learning rates (default: 0.02 and 0.2).
+        strategies: clipping strategies (default: pipeline.study.plan.STRATEGIES).
+        lrs: peak learning rates (default: pipeline.study.plan.LRS, a normal and a high one).
         steps: optimizer steps per run.
-        seeds: seeds (several give a spread across runs).
+        seeds: seeds (several give a spread across runs; default: pipeline.study.plan.SEEDS).
         target_fraction: target loss = this × the initial loss.
         force: re-run runs that already have a stored result.
     """
-    from pipeline.study.plan import LRS, STRATEGIES, StudyPlan
-
     logger = get_run_logger()
     config = load_config(config_path, overrides or [])
     plan = StudyPlan(strategies=tuple(strategies or STRATEGIES), lrs=tuple(lrs or LRS),
-                     seeds=tuple(seeds if seeds is not None else (0,)), steps=steps, target_fraction=target_fraction)
+                     seeds=tuple(seeds if seeds is not None else SEEDS), steps=steps, target_fraction=target_fraction)
     run_dir = config.run_dir.resolve()
     # The study trains on the run folder's tiles: it holds the folder like a training run does.
     with run_folder_lock(run_dir, logger), pipeline_logs_to_run():

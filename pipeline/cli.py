@@ -18,6 +18,7 @@ import typer
 from pipeline import __version__
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.errors import SatdetError
+from pipeline.study import plan as study_plan
 from pipeline.tf_quiet import import_tensorflow
 
 # TensorFlow's C++ start-up chatter (oneDNN, CUDA stubs) buries the output users need; real errors still show.
@@ -514,15 +515,16 @@ def experiment_clipping_cmd(
     set_: SetOpt = None,
     strategies: Annotated[
         str, typer.Option("--strategies", help="Comma-separated clipping strategies to compare.")
-    ] = "none,global_norm,value,loss_adaptive,autoclip,agc,zclip",
+    ] = ",".join(study_plan.STRATEGIES),
     lrs: Annotated[str, typer.Option("--lrs", help="Comma-separated peak learning rates (a normal and a high one).")]
-    = "0.02,0.2",
+    = ",".join(f"{lr:g}" for lr in study_plan.LRS),
     steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps per run (the same for every run).")]
-    = 80,
-    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds (several give a spread).")] = "0",
+    = study_plan.STEPS,
+    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds (several give a spread).")]
+    = ",".join(map(str, study_plan.SEEDS)),
     target_fraction: Annotated[
         float, typer.Option("--target-fraction", help="Target loss = this × the initial loss (see report.md).")
-    ] = 0.5,
+    ] = study_plan.TARGET_FRACTION,
     force: Annotated[bool, typer.Option("--force", help="Re-run runs that already have a result.")] = False,
     report_only: Annotated[
         bool, typer.Option("--report-only", help="Train nothing: rewrite the report from the stored runs.")
@@ -536,12 +538,11 @@ def experiment_clipping_cmd(
     """Train once per (strategy, learning rate, seed) on the same tiles and step budget; writes run_dir/study/
     (results.csv, report.md, curves.png). Tiles first if run_dir/tiles is missing."""
     from pipeline.config import save_config
-    from pipeline.study.plan import StudyPlan
     from pipeline.study.progress import StudyProgress
     from pipeline.study.runner import run_study
 
     cfg = load(config, set_)
-    plan = StudyPlan(
+    plan = study_plan.StudyPlan(
         strategies=_split_list(strategies, str, "--strategies"),
         lrs=_split_list(lrs, float, "--lrs"),
         seeds=_split_list(seeds, int, "--seeds"),

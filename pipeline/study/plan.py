@@ -13,9 +13,14 @@ from pipeline.config import ClipConfig, Config, config_from_dict
 from pipeline.errors import SatdetError
 
 ALL_STRATEGIES: tuple[str, ...] = get_args(ClipConfig.model_fields["strategy"].annotation)
-# The seven the study compares by default (`norm`, per-tensor clipping, can be asked for explicitly).
+
+# The study's defaults, in one place: StudyPlan, `satdet experiment clipping` and the Prefect flow read them.
+# The seven strategies compared by default (`norm`, per-tensor clipping, can be asked for explicitly).
 STRATEGIES: tuple[str, ...] = ("none", "global_norm", "value", "loss_adaptive", "autoclip", "agc", "zclip")
-LRS: tuple[float, ...] = (0.02, 0.2)
+LRS: tuple[float, ...] = (0.02, 0.2)  # a normal and a high peak learning rate
+SEEDS: tuple[int, ...] = (0,)
+STEPS = 80  # optimizer steps per run
+TARGET_FRACTION = 0.5  # target loss = this × the initial loss
 
 # The threshold options each strategy reads (shown in the report next to its results).
 THRESHOLD_KEYS: dict[str, tuple[str, ...]] = {
@@ -56,9 +61,9 @@ class StudyPlan:
 
     strategies: tuple[str, ...] = STRATEGIES
     lrs: tuple[float, ...] = LRS
-    seeds: tuple[int, ...] = (0,)
-    steps: int = 80
-    target_fraction: float = 0.5
+    seeds: tuple[int, ...] = SEEDS
+    steps: int = STEPS
+    target_fraction: float = TARGET_FRACTION
     target_loss: float | None = None
     window: int = 5
     final_window: int = 10
