@@ -80,7 +80,7 @@ def config_cmd(config: ConfigArg, set_: SetOpt = None) -> None:
     typer.echo(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
-# ------------------------------------------------------------------------------------ tiling (issue 2)
+# ------------------------------------------------------------------------------------------- tiling
 @app.command("tile")
 @friendly_errors
 def tile_cmd(
@@ -154,7 +154,7 @@ def synth_cmd(
         typer.echo(f"  - image: {s.image}\n    labels: {s.labels}   # {len(s.boxes_px)} objects")
 
 
-# ------------------------------------------------------------------------------ input pipeline (issue 3)
+# ----------------------------------------------------------------------------------- input pipeline
 @app.command("dataset")
 @friendly_errors
 def dataset_cmd(
@@ -176,7 +176,7 @@ def dataset_cmd(
         typer.echo(write_preview(cfg, tiles, n=preview, split=split))
 
 
-# ------------------------------------------------------------------------------ training (issue 5)
+# ----------------------------------------------------------------------------------------- training
 @app.command("train")
 @friendly_errors
 def train_cmd(
@@ -208,7 +208,7 @@ def train_cmd(
     typer.echo(f"export: {out / 'export'}")
 
 
-# ------------------------------------------------------------------------- evaluate / predict (issue 6)
+# ------------------------------------------------------------------------------- evaluate / predict
 NormalizeOpt = Annotated[str | None, typer.Option(
     "--normalize", help="train (training statistics) or scene (the scene's own; test-time adaptation).")]
 AdaptBnOpt = Annotated[bool | None, typer.Option(
@@ -311,7 +311,7 @@ def predict_cmd(
         typer.echo(path)
 
 
-# ------------------------------------------------------------------------- orchestration (flows/, issue 7)
+# --------------------------------------------------------------------------- orchestration (flows/)
 # These commands call into flows/ (Prefect) lazily, inside the command body: pipeline/ itself never
 # imports prefect, and `satdet --help` stays instant.
 
@@ -333,8 +333,8 @@ def _prefect_env() -> None:
     # The temporary local server's usage telemetry fights the flow for its SQLite file ("database is
     # locked" tracebacks in the middle of a run) and phones home; off unless the user turns it on.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    # The temporary server's first start creates its database; on a busy 2-core machine that took more
-    # than Prefect's 20 s limit (make demo failed with "Timed out while attempting to connect").
+    # The temporary server's first start creates its database; on a busy machine that can take longer than
+    # Prefect's 20 s limit ("Timed out while attempting to connect").
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
@@ -428,7 +428,7 @@ def schedule_cmd(
     serve_training(config, cfg, cron=cron, name=name, timezone=timezone, overrides=set_)
 
 
-# ------------------------------------------------------------------------------------------ work pools (issue 17)
+# --------------------------------------------------------------------------------------- work pools
 pool_app = typer.Typer(no_args_is_help=True, help="Prefect work pools for GPU hosts (needs PREFECT_API_URL).")
 app.add_typer(pool_app, name="pool")
 
@@ -493,7 +493,7 @@ def pool_check_cmd(name: Annotated[str, typer.Argument(help="Work pool name.")])
     _report_pool(name)
 
 
-# ------------------------------------------------------------------------------------ experiments (issue 9)
+# -------------------------------------------------------------------------------------- experiments
 experiment_app = typer.Typer(
     no_args_is_help=True, help="Controlled experiments over the trainer (outputs in run_dir/study)."
 )
@@ -537,8 +537,6 @@ def experiment_clipping_cmd(
 ) -> None:
     """Train once per (strategy, learning rate, seed) on the same tiles and step budget; writes run_dir/study/
     (results.csv, report.md, curves.png). Tiles first if run_dir/tiles is missing."""
-    from pipeline.config import save_config
-    from pipeline.study.progress import StudyProgress
     from pipeline.study.runner import run_study
 
     cfg = load(config, set_)
@@ -558,18 +556,29 @@ def experiment_clipping_cmd(
     elif report_only:
         out = run_study(cfg, tiles, study, plan, report_only=True)
     else:
-        if not (tiles / "stats.json").exists():
-            from pipeline.geo.tiling import run_tiling
-
-            typer.echo(f"no tiles in {tiles}: tiling first")
-            run_tiling(cfg, tiles)
-        save_config(cfg, cfg.run_dir / "config.yaml")
-        import_tensorflow()
-        typer.echo(f"{len(plan.runs())} runs × {steps} steps → {study}")
-        with StudyProgress(steps) as progress:
-            out = run_study(cfg, tiles, study, plan, force=force, on_event=progress)
+        out = _clipping_study_here(cfg, plan, force)
     for name in ("results.csv", "report.md", "curves.png"):
         typer.echo(f"{name}: {out / name}")
+
+
+def _clipping_study_here(cfg: Config, plan: Any, force: bool) -> Path:
+    """The clipping study in this process, with its progress display (tiles first if there are none); the
+    study folder."""
+    from pipeline.config import save_config
+    from pipeline.study.progress import StudyProgress
+    from pipeline.study.runner import run_study
+
+    tiles, study = cfg.run_dir / "tiles", cfg.run_dir / "study"
+    if not (tiles / "stats.json").exists():
+        from pipeline.geo.tiling import run_tiling
+
+        typer.echo(f"no tiles in {tiles}: tiling first")
+        run_tiling(cfg, tiles)
+    save_config(cfg, cfg.run_dir / "config.yaml")
+    import_tensorflow()
+    typer.echo(f"{len(plan.runs())} runs × {plan.steps} steps → {study}")
+    with StudyProgress(plan.steps) as progress:
+        return run_study(cfg, tiles, study, plan, force=force, on_event=progress)
 
 
 def _clipping_study_on_dask(config: Path, set_: list[str] | None, plan: Any, force: bool, address: str | None,
@@ -587,7 +596,7 @@ def _clipping_study_on_dask(config: Path, set_: list[str] | None, plan: Any, for
     return Path(result["study"])
 
 
-# ------------------------------------------------------------------------------------ environment (issue 8)
+# -------------------------------------------------------------------------------------- environment
 @app.command("doctor")
 def doctor_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the probe results as JSON.")] = False,
