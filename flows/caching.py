@@ -30,10 +30,10 @@ from pipeline.config import Config
 
 # The `pipeline` modules each stage calls into (the import closure of these is what the stage runs).
 STAGE_MODULES: dict[str, tuple[str, ...]] = {
-    "tile-scene": ("pipeline.geo.tiling",),
+    "tile-scene": ("pipeline.geo.scene",),
     "tile-row-block": ("pipeline.geo.blocks",),
     "merge-row-blocks": ("pipeline.geo.blocks",),
-    "finalize-tiling": ("pipeline.geo.tiling",),
+    "finalize-tiling": ("pipeline.geo.finalize",),
     "build-dataset": ("pipeline.data.check",),
     "train": ("pipeline.train.run",),
     "evaluate": ("pipeline.evaluate.run",),

@@ -78,7 +78,7 @@ def merge_row_blocks(config: Config, scene_index: int, block_dirs: list[Path], w
 def tiling_units(config: Config, work_dir: Path, dask: bool) -> list[Unit]:
     """The tiling tasks to run, from the plan: (scene, None) per whole scene, (scene, rows) per row block."""
     from pipeline.geo.blocks import row_blocks
-    from pipeline.geo.tiling import PLAN_FILE
+    from pipeline.geo.workdir import PLAN_FILE
 
     plan = json.loads((Path(work_dir) / PLAN_FILE).read_text())
     per_block = config.tiling.row_block_windows or (AUTO_BLOCK_WINDOWS if dask else 0)

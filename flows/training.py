@@ -59,7 +59,7 @@ PLAN_KEY_FILE = "plan.key"
 
 def _scene_plan(work_dir: Path, scene_index: int) -> Any:
     """The plan's entry for one scene plus the plan-wide fields (what one scene's tiles depend on)."""
-    from pipeline.geo.tiling import PLAN_FILE
+    from pipeline.geo.workdir import PLAN_FILE
 
     try:
         plan = json.loads((Path(work_dir) / PLAN_FILE).read_text())
@@ -81,17 +81,18 @@ def plan_tiling(config: Config, work_dir: Path, force: bool = False) -> Path:
     work_dir/plan.json, before the scene tasks start: they all read this one file. The plan is kept while
     the scenes (and the tiling config, which names work_dir) are unchanged, and redone when a scene file
     is replaced (its size may differ)."""
-    from pipeline.geo import tiling
+    from pipeline.geo import plan as geo_plan
+    from pipeline.geo.workdir import PLAN_FILE
 
     work_dir = Path(work_dir)
     scenes = {i: [fingerprint(s.image), fingerprint(s.labels) if s.labels else None]
               for i, s in enumerate(config.tiling.scenes)}
     key = stage_key("plan-tiling", config, ["tiling"], scenes, work_dir, code=stage_code("tile-scene"))
-    plan_file, key_file = work_dir / tiling.PLAN_FILE, work_dir / PLAN_KEY_FILE
+    plan_file, key_file = work_dir / PLAN_FILE, work_dir / PLAN_KEY_FILE
     if not force and plan_file.exists() and key_file.exists() and key_file.read_text() == key:
         return plan_file
     work_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(plan_file, tiling.plan_tiling(config))
+    atomic_write_json(plan_file, geo_plan.plan_tiling(config))
     atomic_write_text(key_file, key)
     return plan_file
 
@@ -118,9 +119,9 @@ def plan_tiling(config: Config, work_dir: Path, force: bool = False) -> Path:
 )
 def tile_scene(config: Config, scene_index: int, work_dir: Path) -> Path:
     """Cut one scene into tiles (IO-bound: retried with backoff, e.g. for a flaky network mount)."""
-    from pipeline.geo import tiling
+    from pipeline.geo import scene
 
-    return Path(tiling.tile_scene(config, scene_index, Path(work_dir)))
+    return Path(scene.tile_scene(config, scene_index, Path(work_dir)))
 
 
 @task(
@@ -133,9 +134,9 @@ def tile_scene(config: Config, scene_index: int, work_dir: Path) -> Path:
 )
 def finalize_tiling(config: Config, scene_outputs: list[Path], out_dir: Path) -> Path:
     """Merge the per-scene tiles into shards, stats.json, qa.json, splits.json and manifest.jsonl."""
-    from pipeline.geo import tiling
+    from pipeline.geo import finalize
 
-    return Path(tiling.finalize_tiling(config, [Path(p) for p in scene_outputs], Path(out_dir)))
+    return Path(finalize.finalize_tiling(config, [Path(p) for p in scene_outputs], Path(out_dir)))
 
 
 @task(

@@ -9,7 +9,7 @@ output are the same however the scene was split.
 
 Why the bytes match: every block chooses the tiles over the whole scene (from geometry and labels alone, so
 the blocks agree) and keeps its own rows; the k-th chosen tile of the scene takes the k-th draw of the
-scene's pixel-sample generator, whichever block cuts it (tiling.sample_rng), and the merge trims the joined
+scene's pixel-sample generator, whichever block cuts it (pixel_sample.sample_rng), and the merge trims the joined
 sample with the generator's state after the last block; records are re-cut into parts of
 `tiling.shard_size` in scene order (framed TFRecord records are copied, not decoded) and the manifest's
 shard names follow. The cost: each block reads the scene's labels, and the merge copies the block's records
@@ -29,8 +29,11 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.errors import SatdetError
 from pipeline.files import atomic_dir, atomic_write_json, atomic_write_text
+from pipeline.geo.pixel_sample import SAMPLE_KEYS, trim_sample
 from pipeline.geo.plan import SPLITS, tile_starts
-from pipeline.geo.tiling import SHARD_KEY, load_plan, scene_dir_name, tile_scene, trim_sample
+from pipeline.geo.scene import tile_scene
+from pipeline.geo.shards import manifest_line, manifest_record
+from pipeline.geo.workdir import load_plan, scene_dir_name
 
 _HEADER = 12  # a TFRecord frame: uint64 length, uint32 CRC of it, the data, uint32 CRC of the data
 
@@ -91,14 +94,12 @@ def _merged_manifest(blocks: list[tuple[dict[str, Any], Path]], shard_size: int)
     counts = dict.fromkeys(SPLITS, 0)
     lines = []
     for _, folder in blocks:
-        for line in (folder / "manifest.jsonl").read_text().splitlines():
-            split = json.loads(line)["split"]
-            name = f"{split}-{counts[split] // shard_size:05d}.tfrecord"
+        source = folder / "manifest.jsonl"
+        for line in source.read_text().splitlines():
+            record = manifest_record(line, source)
+            split = record["split"]
+            lines.append(manifest_line(record, f"{split}-{counts[split] // shard_size:05d}.tfrecord") + "\n")
             counts[split] += 1
-            line, found = SHARD_KEY.subn(lambda _m, name=name: f'"shard": "{name}"}}', line)
-            if found != 1:
-                raise SatdetError(f"{folder / 'manifest.jsonl'}: a line lacks its shard; tile the scene again")
-            lines.append(line + "\n")
     return "".join(lines)
 
 
@@ -106,7 +107,7 @@ def _merged_samples(out: Path, blocks: list[tuple[dict[str, Any], Path]], limit:
     """The blocks' stats pixel samples joined in scene order and trimmed as a whole-scene run trims them."""
     rng = np.random.default_rng()
     rng.bit_generator.state = blocks[-1][0]["sample_rng"]  # after every draw of the scene's tiles
-    for key in ("train", "other"):  # the order tile_scene trims in: the generator is shared
+    for key in SAMPLE_KEYS:  # the order tile_scene trims in: the generator is shared
         loaded = [np.load(folder / f"sample_{key}.npy") for _, folder in blocks]
         # a block without sampled tiles saved float64 zeros: joined, they would change the scene's dtype
         arrs = [a for a in loaded if len(a)] or [next((a for a in loaded if a.dtype == dtype), loaded[0])]

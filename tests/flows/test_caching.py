@@ -76,10 +76,10 @@ def upgraded(monkeypatch: pytest.MonkeyPatch):
 
 def test_stage_closures_follow_imports_including_ones_inside_functions():
     closure = {st: set(module_closure(mods, PIPELINE_DIR)) for st, mods in caching.STAGE_MODULES.items()}
-    assert {"pipeline.geo.tiling", "pipeline.geo.plan", "pipeline.config", "pipeline"} <= closure["tile-scene"]
+    assert {"pipeline.geo.scene", "pipeline.geo.plan", "pipeline.config", "pipeline"} <= closure["tile-scene"]
     assert "pipeline.train.run" not in closure["tile-scene"]
     assert {"pipeline.train.run", "pipeline.train.fit", "pipeline.model.detector", "pipeline.train.clipping"} <= closure["train"]
-    assert "pipeline.geo.tiling" not in closure["train"]
+    assert "pipeline.geo.scene" not in closure["train"]
     assert {"pipeline.predict.scene", "pipeline.evaluate.metrics"} <= closure["evaluate"]
 
 
@@ -123,7 +123,11 @@ def test_a_change_to_the_row_block_code_re_runs_the_row_block_stages_only(tmp_pa
     caching.code_fingerprint.cache_clear()
     after = {st: stage_key(st, cfg, ["tiling"], {}, tmp_path) for st in caching.STAGE_MODULES}
     assert {st for st in before if before[st] != after[st]} == {"tile-row-block", "merge-row-blocks"}
-    upgraded.add("geo/tiling.py")  # the blocks cut tiles with tile_scene: its code is theirs too
+    upgraded.add("geo/scene.py")  # the blocks cut tiles with tile_scene: its code is theirs too
+    caching.code_fingerprint.cache_clear()
+    changed = {st for st in after if stage_key(st, cfg, ["tiling"], {}, tmp_path) != after[st]}
+    assert changed == {"tile-scene", "tile-row-block", "merge-row-blocks"}  # finalize: through its inputs
+    upgraded.add("geo/shards.py")  # the manifest lines every tiling stage writes or renames
     caching.code_fingerprint.cache_clear()
     changed = {st for st in after if stage_key(st, cfg, ["tiling"], {}, tmp_path) != after[st]}
     assert changed == {"tile-scene", "finalize-tiling", "tile-row-block", "merge-row-blocks"}

@@ -20,7 +20,9 @@ from flowkit import fake_training as _fake_training
 
 import pipeline.data.check as dataset_stage
 import pipeline.evaluate.run as eval_stage
-import pipeline.geo.tiling as tiling_stage
+import pipeline.geo.finalize as finalize_stage
+import pipeline.geo.plan as plan_stage
+import pipeline.geo.scene as scene_stage
 import pipeline.train.run as train_stage
 from flows import training
 from flows.reporting import per_class_rows
@@ -33,8 +35,8 @@ STAGES = ("tile_scene", "finalize_tiling", "run_dataset_check", "run_training", 
 def calls(monkeypatch: pytest.MonkeyPatch) -> Counter:
     """Count stage calls; real tiling and dataset check, stand-ins for training and evaluation."""
     counter: Counter = Counter()
-    _count(monkeypatch, tiling_stage, "tile_scene", counter)
-    _count(monkeypatch, tiling_stage, "finalize_tiling", counter)
+    _count(monkeypatch, scene_stage, "tile_scene", counter)
+    _count(monkeypatch, finalize_stage, "finalize_tiling", counter)
     _count(monkeypatch, dataset_stage, "run_dataset_check", counter)
     _count(monkeypatch, train_stage, "run_training", counter, _fake_training)
     _count(monkeypatch, eval_stage, "run_evaluation", counter, _fake_evaluation)
@@ -115,7 +117,7 @@ def test_deleted_stage_output_is_rebuilt_despite_cache(prefect_api, scenes, tmp_
 
 def test_transient_tiling_failure_is_retried(prefect_api, scenes, tmp_path, calls, monkeypatch):
     monkeypatch.setattr(training, "tile_scene", training.tile_scene.with_options(retry_delay_seconds=0))
-    real = tiling_stage.tile_scene  # the counting wrapper
+    real = scene_stage.tile_scene  # the counting wrapper
     failures: Counter = Counter()
 
     def flaky(config, scene_index, work_dir, *args, **kwargs):
@@ -124,7 +126,7 @@ def test_transient_tiling_failure_is_retried(prefect_api, scenes, tmp_path, call
             raise OSError("simulated network hiccup reading scene1.tif")
         return real(config, scene_index, work_dir, *args, **kwargs)
 
-    monkeypatch.setattr(tiling_stage, "tile_scene", flaky)
+    monkeypatch.setattr(scene_stage, "tile_scene", flaky)
     cfg = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "runs", scenes))
     assert _run(cfg).is_completed()
     assert failures["scene1"] == 1
@@ -140,7 +142,7 @@ def test_user_error_in_tiling_is_not_retried(prefect_api, scenes, tmp_path, call
         attempts[scene_index] += 1
         raise SatdetError(f"scene{scene_index}.tif: not a raster; fix the path")
 
-    monkeypatch.setattr(tiling_stage, "tile_scene", broken)
+    monkeypatch.setattr(scene_stage, "tile_scene", broken)
     cfg = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "runs", scenes))
     state = _run(cfg)
     assert state.is_failed()
@@ -155,7 +157,7 @@ def test_pipeline_end_to_end_writes_every_stage_and_completes(prefect_api, scene
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
     counter: Counter = Counter()
-    for module, name in ((tiling_stage, "tile_scene"), (tiling_stage, "finalize_tiling"),
+    for module, name in ((scene_stage, "tile_scene"), (finalize_stage, "finalize_tiling"),
                          (dataset_stage, "run_dataset_check"), (train_stage, "run_training"),
                          (eval_stage, "run_evaluation")):
         _count(monkeypatch, module, name, counter)
@@ -239,11 +241,11 @@ def test_scenes_are_planned_once_and_tiled_at_most_tiling_workers_at_a_time(pref
     import time
 
     plans: Counter = Counter()
-    real_plan = tiling_stage.plan_tiling
-    monkeypatch.setattr(tiling_stage, "plan_tiling", lambda config: plans.update(["plan"]) or real_plan(config))
+    real_plan = plan_stage.plan_tiling
+    monkeypatch.setattr(plan_stage, "plan_tiling", lambda config: plans.update(["plan"]) or real_plan(config))
     busy = {"now": 0, "most": 0}
     guard = threading.Lock()
-    real_tile = tiling_stage.tile_scene  # the counting wrapper
+    real_tile = scene_stage.tile_scene  # the counting wrapper
 
     def slow_tile(*args, **kwargs):
         with guard:
@@ -256,7 +258,7 @@ def test_scenes_are_planned_once_and_tiled_at_most_tiling_workers_at_a_time(pref
             with guard:
                 busy["now"] -= 1
 
-    monkeypatch.setattr(tiling_stage, "tile_scene", slow_tile)
+    monkeypatch.setattr(scene_stage, "tile_scene", slow_tile)
     data = tiny_config(tmp_path / "runs", scenes)
     data["tiling"]["workers"] = 2
     cfg = write_config(tmp_path / "c.yaml", data)
@@ -275,8 +277,8 @@ def test_plan_is_redone_when_a_scene_file_is_replaced(tmp_path, monkeypatch):
     data["tiling"]["split"] = {"method": "scene"}
     config = config_from_dict(data)
     plans: Counter = Counter()
-    real_plan = tiling_stage.plan_tiling
-    monkeypatch.setattr(tiling_stage, "plan_tiling", lambda c: plans.update(["plan"]) or real_plan(c))
+    real_plan = plan_stage.plan_tiling
+    monkeypatch.setattr(plan_stage, "plan_tiling", lambda c: plans.update(["plan"]) or real_plan(c))
     work = tmp_path / "work"
     plan_file = training.plan_tiling.fn(config, work)
     training.plan_tiling.fn(config, work)

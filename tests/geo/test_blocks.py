@@ -13,8 +13,11 @@ import rasterio
 
 from pipeline.errors import SatdetError
 from pipeline.geo.blocks import merge_row_blocks, row_blocks, tile_row_block, tile_scene_in_blocks
+from pipeline.geo.finalize import finalize_tiling
+from pipeline.geo.scene import tile_scene
 from pipeline.geo.synth import make_scene
-from pipeline.geo.tiling import finalize_tiling, load_plan, run_tiling, tile_scene
+from pipeline.geo.tiling import run_tiling
+from pipeline.geo.workdir import load_plan
 
 from .conftest import make_config
 

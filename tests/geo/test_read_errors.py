@@ -11,7 +11,7 @@ import rasterio
 from rasterio.transform import from_origin
 
 from pipeline.errors import SatdetError
-from pipeline.geo import tiling
+from pipeline.geo import strips
 from pipeline.geo.check import check_rasters, describe
 from pipeline.geo.raster import check_raster, open_raster, raster_info
 from pipeline.geo.synth import make_scene
@@ -62,7 +62,7 @@ def test_check_raster_reads_a_good_file_in_bounded_slices(tmp_path):
 
 def test_strip_reader_hands_the_read_error_to_the_consumer_as_one_line(tmp_path):
     path = _cut_short(tmp_path / "cut.tif", tiled=True, blockxsize=32, blockysize=32)
-    with (rasterio.open(path) as ds, tiling._StripReader(ds, [0, 32, 64], 32, [1, 2, 3], "uint8") as reader,
+    with (rasterio.open(path) as ds, strips.StripReader(ds, [0, 32, 64], 32, [1, 2, 3], "uint8") as reader,
           pytest.raises(SatdetError) as err):
         list(reader)
     assert " at rows " in _assert_one_line(err.value, path)

@@ -1,6 +1,5 @@
-"""Tiling internals: the look-ahead strip reader (exact pixels whatever the block layout, skipping,
-bounded buffers, errors raised in the caller, a clean stop when the caller gives up early) and the
-background shard writer."""
+"""The look-ahead strip reader: exact pixels whatever the block layout, skipping, bounded buffers, errors
+raised in the caller, a clean stop when the caller gives up early."""
 
 import threading
 
@@ -10,7 +9,7 @@ import rasterio
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from pipeline.geo import tiling
+from pipeline.geo import strips
 from pipeline.geo.plan import tile_starts
 
 
@@ -27,10 +26,10 @@ def _raster(path, width=200, height=150, block=16, tiled=True):
 
 @pytest.mark.parametrize(("block", "tiled"), [(16, True), (48, True), (128, True), (1, False)])
 def test_strips_hold_exactly_the_scene_rows(tmp_path, monkeypatch, block, tiled):
-    monkeypatch.setattr(tiling, "LOOKAHEAD_BYTES", 1)  # fewest buffers: every buffer is reused
+    monkeypatch.setattr(strips, "LOOKAHEAD_BYTES", 1)  # fewest buffers: every buffer is reused
     data = _raster(tmp_path / "s.tif", block=block, tiled=tiled)
     rows = tile_starts(150, 40, 8)  # strides of 32 rows, never on a 16/48/128-row block edge at the end
-    with rasterio.open(tmp_path / "s.tif") as ds, tiling._StripReader(ds, rows, 40, [1, 2, 3], "uint8") as reader:
+    with rasterio.open(tmp_path / "s.tif") as ds, strips.StripReader(ds, rows, 40, [1, 2, 3], "uint8") as reader:
         got = [(r, strip.copy(), mask) for r, strip, mask in reader]
     assert [r for r, _, _ in got] == rows
     for r, strip, mask in got:
@@ -45,12 +44,12 @@ def test_strips_are_exact_whether_opencv_interleaves_or_gdal_does(tmp_path, monk
     data = _raster(tmp_path / "s.tif", block=48)
     if merge == "no-opencv-merge":
         def refuse(*a, **k):
-            raise tiling.cv2.error("unsupported format")
-        monkeypatch.setattr(tiling.cv2, "merge", refuse)
+            raise strips.cv2.error("unsupported format")
+        monkeypatch.setattr(strips.cv2, "merge", refuse)
     elif merge == "merge-copies":
-        monkeypatch.setattr(tiling.cv2, "merge", lambda planes, dst=None: np.stack(planes, axis=-1))
+        monkeypatch.setattr(strips.cv2, "merge", lambda planes, dst=None: np.stack(planes, axis=-1))
     rows = tile_starts(150, 40, 8)
-    with rasterio.open(tmp_path / "s.tif") as ds, tiling._StripReader(ds, rows, 40, [1, 2, 3], "uint8") as reader:
+    with rasterio.open(tmp_path / "s.tif") as ds, strips.StripReader(ds, rows, 40, [1, 2, 3], "uint8") as reader:
         got = [(r, strip.copy()) for r, strip, _ in reader]
         assert (reader._planes is None) == (merge != "opencv")
     assert [r for r, _ in got] == rows
@@ -59,12 +58,12 @@ def test_strips_are_exact_whether_opencv_interleaves_or_gdal_does(tmp_path, monk
 
 
 def test_strips_skip_unwanted_rows_and_keep_band_order(tmp_path, monkeypatch):
-    monkeypatch.setattr(tiling, "LOOKAHEAD_BYTES", 1)  # 3 buffers: the thread waits after 3 strips
+    monkeypatch.setattr(strips, "LOOKAHEAD_BYTES", 1)  # 3 buffers: the thread waits after 3 strips
     data = _raster(tmp_path / "s.tif")
     rows = tile_starts(150, 40, 8)
     assert len(rows) == 5
     with rasterio.open(tmp_path / "s.tif") as ds:
-        reader = tiling._StripReader(ds, rows, 40, [3, 1], "uint8")
+        reader = strips.StripReader(ds, rows, 40, [3, 1], "uint8")
         reader.want({rows[-1]})
         with reader:
             got = {r: strip.copy() for r, strip, _ in reader}
@@ -77,28 +76,17 @@ def test_strips_skip_unwanted_rows_and_keep_band_order(tmp_path, monkeypatch):
 
 def test_a_read_error_reaches_the_caller(tmp_path):
     _raster(tmp_path / "s.tif")
-    with (rasterio.open(tmp_path / "s.tif") as ds, tiling._StripReader(ds, [0, 32], 40, [1, 9], "uint8") as reader,
+    with (rasterio.open(tmp_path / "s.tif") as ds, strips.StripReader(ds, [0, 32], 40, [1, 9], "uint8") as reader,
           pytest.raises(Exception, match="9")):
         list(reader)
 
 
 def test_closing_early_stops_the_reader_thread(tmp_path, monkeypatch):
-    monkeypatch.setattr(tiling, "LOOKAHEAD_BYTES", 1)
+    monkeypatch.setattr(strips, "LOOKAHEAD_BYTES", 1)
     _raster(tmp_path / "s.tif", height=400)
     with rasterio.open(tmp_path / "s.tif") as ds:
-        reader = tiling._StripReader(ds, tile_starts(400, 40, 8), 40, [1, 2, 3], "uint8")
+        reader = strips.StripReader(ds, tile_starts(400, 40, 8), 40, [1, 2, 3], "uint8")
         next(iter(reader))  # the thread now waits for a free buffer
         reader.close()
         assert not reader._thread.is_alive()
     assert not [t for t in threading.enumerate() if t.name == "strip-reader"]
-
-
-def test_a_background_write_error_is_raised_by_the_shard_writer(tmp_path, monkeypatch):
-    def fail(self, record):
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr(tiling.RecordWriter, "write", fail)
-    writer = tiling._ShardWriter(tmp_path, shard_size=10)
-    assert writer.write("train", [b"record"]) == "train-00000.tfrecord"
-    with pytest.raises(OSError, match="No space left"):
-        writer.close()

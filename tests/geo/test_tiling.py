@@ -226,9 +226,10 @@ def test_histogram_stats_equal_numpy_percentiles(dtype):
 
 @pytest.mark.parametrize("damage", ["shard-missing", "last-line-cut"])
 def test_a_scene_manifest_line_without_its_shard_stops_the_merge(tmp_path, damage):
-    """finalize_tiling renames each line's shard as text; a line it cannot rename is an error, not a
-    manifest entry pointing at the wrong (or no) shard."""
-    from pipeline.geo.tiling import finalize_tiling, tile_scene
+    """finalize_tiling renames each line's shard; a line it cannot rename is an error, not a manifest entry
+    pointing at the wrong (or no) shard."""
+    from pipeline.geo.finalize import finalize_tiling
+    from pipeline.geo.scene import tile_scene
 
     s = make_scene(tmp_path, "m", 160, 160, seed=0, n_objects=6)
     config = make_config(tmp_path, [{"image": s.image, "labels": s.labels}])
