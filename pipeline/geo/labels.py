@@ -17,6 +17,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -69,10 +70,26 @@ def _class_ids(names: np.ndarray, classes: Sequence[str], path: Path) -> np.ndar
 
 def _vector_boxes(path: Path, info: RasterInfo, classes: Sequence[str], label_field: str
                   ) -> tuple[np.ndarray, Sequence[object], int]:
+    """Pixel boxes of a vector file's polygons, their class names and how many geometries were invalid."""
+    import shapely
+
+    meta, wkb, fields = _read_vector(path)
+    if len(wkb) == 0:
+        return np.zeros((0, 4)), [], 0
+    to_raster = _to_raster_crs(path, meta, info)
+    geoms = shapely.from_wkb(wkb)
+    ok = _valid_polygons(geoms)
+    invalid = int((~ok).sum())
+    names = _class_names(path, meta, fields, ok, classes, label_field)
+    if not ok.any():
+        return np.zeros((0, 4)), names, invalid
+    return _pixel_bounds(geoms[ok], info, to_raster), names, invalid
+
+
+def _read_vector(path: Path) -> tuple[dict[str, Any], np.ndarray, list[np.ndarray]]:
+    """The layer's metadata, WKB geometries and attribute columns; a one-line error for an unreadable file."""
     import pyogrio.errors
     import pyogrio.raw
-    import shapely
-    from pyproj import CRS, Transformer
 
     try:  # pyogrio's arrays, without a GeoDataFrame around them (a third less time for 10k polygons)
         meta, _, wkb, fields = pyogrio.raw.read(path)
@@ -81,10 +98,15 @@ def _vector_boxes(path: Path, info: RasterInfo, classes: Sequence[str], label_fi
                           "(GeoJSON, GeoPackage, Shapefile...), a pixel CSV, COCO JSON or Pascal VOC XML") from None
     if wkb is None:
         raise SatdetError(f"{path}: the layer has no geometries; give polygon labels (or a pixel CSV)")
-    if len(wkb) == 0:
-        return np.zeros((0, 4)), [], 0
+    return meta, wkb, fields
+
+
+def _to_raster_crs(path: Path, meta: dict[str, Any], info: RasterInfo) -> Any:
+    """The transformer from the labels' CRS to the raster's, None when they agree (or neither has one);
+    a one-line error when only one of them has a CRS."""
+    from pyproj import CRS, Transformer
+
     crs = CRS.from_user_input(meta["crs"]) if meta.get("crs") else None
-    to_raster = None
     if crs is None:
         if info.crs is not None:
             raise SatdetError(f"{path}: labels have no CRS; write the file with a CRS (e.g. a .prj beside a "
@@ -95,39 +117,51 @@ def _vector_boxes(path: Path, info: RasterInfo, classes: Sequence[str], label_fi
                           f"{crs.to_string()}; assign the raster's CRS (gdal_edit.py -a_srs EPSG:xxxx) "
                           "or give pixel labels (CSV/COCO/VOC)")
     elif (raster_crs := CRS.from_user_input(info.crs)) != crs:
-        to_raster = Transformer.from_crs(crs, raster_crs, always_xy=True)
+        return Transformer.from_crs(crs, raster_crs, always_xy=True)
+    return None
 
-    geoms = shapely.from_wkb(wkb)
+
+def _valid_polygons(geoms: np.ndarray) -> np.ndarray:
+    """Which geometries are present, non-empty, valid polygons or multipolygons."""
+    import shapely
+
     kind = shapely.get_type_id(geoms)
     ok = (~shapely.is_missing(geoms)) & (~shapely.is_empty(geoms)) & np.isin(kind, (3, 6))  # Polygon, MultiPolygon
     ok[ok] = shapely.is_valid(geoms[ok])
-    invalid = int((~ok).sum())
+    return ok
 
+
+def _class_names(path: Path, meta: dict[str, Any], fields: list[np.ndarray], ok: np.ndarray,
+                 classes: Sequence[str], label_field: str) -> Sequence[object]:
+    """The class name of every kept geometry, from `label_field` (or the one class when there is one)."""
     names_in_file = list(meta["fields"])
     if label_field in names_in_file:
-        names = np.asarray(fields[names_in_file.index(label_field)], dtype=object)[ok]
-    elif len(classes) == 1:
-        names = [classes[0]] * int(ok.sum())  # single-class labels need no attribute
-    else:
-        raise SatdetError(f"{path}: no attribute {label_field!r} holding the class name (attributes: "
-                          f"{names_in_file}); set tiling.label_field")
-    # Reproject every vertex, map it to pixel space and take each polygon's bounds: exact for rotated
-    # transforms too. Bounds come from the coordinates, not rebuilt geometries, so a vertex the projection
-    # cannot map (inf/NaN, e.g. projected coordinates in a file that claims EPSG:4326) gives a non-finite
-    # box that read_labels counts as invalid instead of a GEOS error.
-    if not ok.any():
-        return np.zeros((0, 4)), names, invalid
+        return np.asarray(fields[names_in_file.index(label_field)], dtype=object)[ok]
+    if len(classes) == 1:
+        return [classes[0]] * int(ok.sum())  # single-class labels need no attribute
+    raise SatdetError(f"{path}: no attribute {label_field!r} holding the class name (attributes: "
+                      f"{names_in_file}); set tiling.label_field")
+
+
+def _pixel_bounds(geoms: np.ndarray, info: RasterInfo, to_raster: Any) -> np.ndarray:
+    """Each polygon's bounds in raster pixels.
+
+    Every vertex is reprojected and mapped to pixel space before the bounds are taken: exact for rotated
+    transforms too. Bounds come from the coordinates, not rebuilt geometries, so a vertex the projection
+    cannot map (inf/NaN, e.g. projected coordinates in a file that claims EPSG:4326) gives a non-finite box
+    that read_labels counts as invalid instead of a GEOS error."""
+    import shapely
+
     inv = ~_affine(info.transform)
     matrix = np.array([[inv.a, inv.d], [inv.b, inv.e]])
     offset = np.array([inv.c, inv.f])
-    xy, owner = shapely.get_coordinates(geoms[ok], return_index=True)  # grouped by polygon, in order
+    xy, owner = shapely.get_coordinates(geoms, return_index=True)  # grouped by polygon, in order
     with np.errstate(invalid="ignore"):
         if to_raster is not None:
             xy = np.column_stack(to_raster.transform(xy[:, 0], xy[:, 1]))
         xy = xy @ matrix + offset
     starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])  # every kept polygon has vertices
-    boxes = np.hstack([np.minimum.reduceat(xy, starts), np.maximum.reduceat(xy, starts)])
-    return boxes, names, invalid
+    return np.hstack([np.minimum.reduceat(xy, starts), np.maximum.reduceat(xy, starts)])
 
 
 def _affine(t: Sequence[float]):  # type: ignore[no-untyped-def]

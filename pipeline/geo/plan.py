@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import Config
+from pipeline.config import Config, SceneConfig, SplitConfig, TilingConfig
 from pipeline.errors import SatdetError
-from pipeline.geo.raster import check_bands, raster_info
+from pipeline.geo.raster import RasterInfo, check_bands, raster_info
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,35 @@ def plan_tiling(config: Config) -> dict[str, Any]:
     t = config.tiling
     if not t.scenes:
         raise SatdetError("config: tiling.scenes is empty; list at least one scene with image (and labels)")
+    infos = _scene_infos(t)
+    bands, tile, overlap = _common_grid(t, infos)
+    scenes = [_scene_entry(i, scene, info, tile, overlap) for i, (scene, info) in enumerate(zip(t.scenes, infos))]
+    rng = np.random.default_rng(config.seed)
+    if t.split.method == "scene":
+        _split_scenes(scenes, t.split, rng)
+    else:
+        _split_blocks(scenes, t.split, tile, tile - overlap, rng)
+    _warn_missing_splits(scenes, t.split)
+    return {
+        "tile_size": tile, "overlap": overlap, "bands": bands, "dtype": infos[0].dtype, "channels": len(bands),
+        "nodata": infos[0].nodata, "method": t.split.method, "scenes": scenes,
+    }
+
+
+def _scene_infos(t: TilingConfig) -> list[RasterInfo]:
+    """Every scene's raster header; a one-line error when two scenes share a file stem (their id)."""
     infos = [raster_info(s.image) for s in t.scenes]
     stems = [i.stem for i in infos]
     dupes = sorted({s for s in stems if stems.count(s) > 1})
     if dupes:
         raise SatdetError(f"{t.scenes[stems.index(dupes[0])].image}: two scenes share the file name "
                           f"{dupes[0]!r} (scene ids are file stems); rename one of the files")
+    return infos
+
+
+def _common_grid(t: TilingConfig, infos: list[RasterInfo]) -> tuple[list[int], int, int]:
+    """(bands, tile size px, overlap px) shared by every scene; a one-line error naming the scene that
+    differs in bands, pixel type or pixel size."""
     first = infos[0]
     bands = check_bands(t.bands, first)
     tile = overlap = 0
@@ -111,57 +134,62 @@ def plan_tiling(config: Config) -> dict[str, Any]:
             raise SatdetError(f"{scene.image}: {t.tile_size}{t.units} is {ts}px here but {tile}px in "
                               f"{t.scenes[0].image} (different pixel sizes); resample or use units: px")
         tile, overlap = ts, ov
+    return bands, tile, overlap
 
-    stride = tile - overlap
-    method = t.split.method
-    scenes: list[dict[str, Any]] = []
-    for i, (scene, info) in enumerate(zip(t.scenes, infos)):
-        scenes.append({
-            "index": i, "scene": info.stem, "image": str(scene.image),
-            "labels": None if scene.labels is None else str(scene.labels),
-            "width": info.width, "height": info.height, "crs": info.crs, "transform": list(info.transform),
-            "nodata": info.nodata, "forced_split": scene.split,
-            "n_windows": len(tile_windows(info.width, info.height, tile, overlap)),
-        })
 
-    rng = np.random.default_rng(config.seed)
-    if method == "scene":
-        auto = [s for s in scenes if s["forced_split"] is None]
-        for s, split in zip(auto, _assign(len(auto), t.split.val_fraction, t.split.test_fraction, rng)):
-            s["forced_split"] = split
+def _scene_entry(index: int, scene: SceneConfig, info: RasterInfo, tile: int, overlap: int) -> dict[str, Any]:
+    """A scene's entry in the plan, before its blocks and splits."""
+    return {
+        "index": index, "scene": info.stem, "image": str(scene.image),
+        "labels": None if scene.labels is None else str(scene.labels),
+        "width": info.width, "height": info.height, "crs": info.crs, "transform": list(info.transform),
+        "nodata": info.nodata, "forced_split": scene.split,
+        "n_windows": len(tile_windows(info.width, info.height, tile, overlap)),
+    }
+
+
+def _split_scenes(scenes: list[dict[str, Any]], split: SplitConfig, rng: np.random.Generator) -> None:
+    """Whole scenes to splits: each scene one block, the scenes without a forced split assigned at random."""
+    auto = [s for s in scenes if s["forced_split"] is None]
+    for s, name in zip(auto, _assign(len(auto), split.val_fraction, split.test_fraction, rng)):
+        s["forced_split"] = name
+    for s in scenes:
+        s["x_edges"], s["y_edges"] = [0, s["width"]], [0, s["height"]]
+        s["block_splits"] = [[s["forced_split"]]]
+
+
+def _split_blocks(scenes: list[dict[str, Any]], split: SplitConfig, tile: int, stride: int,
+                  rng: np.random.Generator) -> None:
+    """Spatial blocks to splits: every scene cut into blocks of whole tile strides (smaller ones when there
+    are too few blocks for val and test), the blocks of scenes without a forced split assigned at random."""
+    k_min = math.ceil(tile / stride)  # a block must hold at least one whole tile
+    k = max(k_min, round(split.block_size / stride))
+    needed = 1 + (split.val_fraction > 0) + (split.test_fraction > 0)
+    while True:
         for s in scenes:
-            s["x_edges"], s["y_edges"] = [0, s["width"]], [0, s["height"]]
-            s["block_splits"] = [[s["forced_split"]]]
-    else:
-        k_min = math.ceil(tile / stride)  # a block must hold at least one whole tile
-        k = max(k_min, round(t.split.block_size / stride))
-        needed = 1 + (t.split.val_fraction > 0) + (t.split.test_fraction > 0)
-        while True:
-            for s in scenes:
-                s["x_edges"] = block_edges(s["width"], k * stride)
-                s["y_edges"] = block_edges(s["height"], k * stride)
-            n_auto = sum((len(s["x_edges"]) - 1) * (len(s["y_edges"]) - 1)
-                         for s in scenes if s["forced_split"] is None)
-            if n_auto >= needed or k == k_min:
-                break
-            k = max(k_min, k // 2)  # few, small scenes: smaller blocks so val and test get one each
-        auto_splits = iter(_assign(n_auto, t.split.val_fraction, t.split.test_fraction, rng))
-        for s in scenes:
-            ny, nx = len(s["y_edges"]) - 1, len(s["x_edges"]) - 1
-            s["block_splits"] = [[s["forced_split"] or next(auto_splits) for _ in range(nx)] for _ in range(ny)]
-        block_px = k * stride
-        if block_px != t.split.block_size:
-            log.info("block size %dpx (tiling.split.block_size %d rounded to %d tile strides)",
-                     block_px, t.split.block_size, k)
+            s["x_edges"] = block_edges(s["width"], k * stride)
+            s["y_edges"] = block_edges(s["height"], k * stride)
+        n_auto = sum((len(s["x_edges"]) - 1) * (len(s["y_edges"]) - 1)
+                     for s in scenes if s["forced_split"] is None)
+        if n_auto >= needed or k == k_min:
+            break
+        k = max(k_min, k // 2)  # few, small scenes: smaller blocks so val and test get one each
+    auto_splits = iter(_assign(n_auto, split.val_fraction, split.test_fraction, rng))
+    for s in scenes:
+        ny, nx = len(s["y_edges"]) - 1, len(s["x_edges"]) - 1
+        s["block_splits"] = [[s["forced_split"] or next(auto_splits) for _ in range(nx)] for _ in range(ny)]
+    block_px = k * stride
+    if block_px != split.block_size:
+        log.info("block size %dpx (tiling.split.block_size %d rounded to %d tile strides)",
+                 block_px, split.block_size, k)
+
+
+def _warn_missing_splits(scenes: list[dict[str, Any]], split: SplitConfig) -> None:
     present = {sp for s in scenes for row in s["block_splits"] for sp in row}
-    for name, frac in (("val", t.split.val_fraction), ("test", t.split.test_fraction)):
+    for name, frac in (("val", split.val_fraction), ("test", split.test_fraction)):
         if frac > 0 and name not in present:
             log.warning("split %r gets no %s: too few scenes/blocks; add scenes or lower "
-                        "tiling.split.block_size", name, "blocks" if method == "block" else "scenes")
-    return {
-        "tile_size": tile, "overlap": overlap, "bands": bands, "dtype": first.dtype, "channels": len(bands),
-        "nodata": first.nodata, "method": method, "scenes": scenes,
-    }
+                        "tiling.split.block_size", name, "blocks" if split.method == "block" else "scenes")
 
 
 def window_splits(scene: dict[str, Any], cols: Sequence[int], rows: Sequence[int], tile: int

@@ -127,24 +127,9 @@ def make_scene(
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     classes = tuple(classes)
-    placements = _place(width, height, nodata_border, n_objects, len(classes), rng)
-
-    objects = []  # (x0, y0, mask, rgb, class_index)
-    for cx, cy, ci in placements:
-        mask, rgb = _object_patch(classes[ci], rng, ci)
-        h, w = mask.shape
-        x0 = nodata_border + cx * CELL + int(rng.integers(0, CELL - w + 1))
-        y0 = nodata_border + cy * CELL + int(rng.integers(0, CELL - h + 1))
-        objects.append((x0, y0, mask, rgb, ci))
-    # Tight boxes of the drawn pixels (a round crown's mask may not fill its patch's outer rows).
-    boxes, ids = [], []
-    for x0, y0, mask, _, ci in objects:
-        ys, xs = np.nonzero(mask)
-        boxes.append((x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1))
-        ids.append(ci + 1)
-    boxes_px = np.asarray(boxes, np.float64).reshape(-1, 4)
-    class_ids = np.asarray(ids, np.int64)
-
+    objects = _objects(_place(width, height, nodata_border, n_objects, len(classes), rng), classes,
+                       nodata_border, rng)
+    boxes_px, class_ids = _tight_boxes(objects)
     transform = from_origin(origin[0], origin[1], resolution, resolution)
     profile = {"driver": "GTiff", "width": width, "height": height, "count": bands, "dtype": dtype,
                "crs": f"EPSG:{epsg}", "transform": transform, "tiled": True, "blockxsize": 256,
@@ -152,32 +137,10 @@ def make_scene(
                "nodata": NODATA if nodata_border else None}
     phases = rng.uniform(0, 2 * np.pi, 4)
     image_path = out_dir / f"{name}.tif"
-    strip = 256
     with atomic_path(image_path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
-        for r0 in range(0, height, strip):
-            r1 = min(height, r0 + strip)
-            srng = np.random.default_rng([seed, r0])  # per-strip noise: same pixels whatever the strip order
-            rgb = _background(np.arange(r0, r1), np.arange(width), phases, srng)
-            extra = np.full((r1 - r0, width), 60.0, np.float32)  # NIR-like band: dark ground
-            for x0, y0, mask, patch, ci in objects:
-                h, w = mask.shape
-                if y0 + h <= r0 or y0 >= r1:
-                    continue
-                a, b = max(y0, r0), min(y0 + h, r1)
-                m = mask[a - y0:b - y0]
-                view = rgb[a - r0:b - r0, x0:x0 + w]
-                view[m] = patch[a - y0:b - y0][m]
-                extra[a - r0:b - r0, x0:x0 + w][m] = 200.0 if classes[ci] == "crown" else 90.0
-            pix = np.concatenate([rgb, np.repeat(extra[..., None], bands - 3, axis=2)], axis=2)
-            if dtype == "uint16":
-                pix = pix * 16.0  # ≈12-bit sensor range
-            pix = np.clip(pix, 1, np.iinfo(dtype).max).astype(dtype)  # 0 is reserved for nodata
-            if nodata_border:
-                rows = np.arange(r0, r1)
-                edge_rows = (rows < nodata_border) | (rows >= height - nodata_border)
-                pix[edge_rows] = NODATA
-                pix[:, :nodata_border] = NODATA
-                pix[:, width - nodata_border:] = NODATA
+        for r0 in range(0, height, _STRIP):
+            r1 = min(height, r0 + _STRIP)
+            pix = _strip_pixels(r0, r1, width, height, objects, classes, phases, seed, bands, dtype, nodata_border)
             dst.write(np.moveaxis(pix, 2, 0), window=Window(0, r0, width, r1 - r0))
 
     labels_path = out_dir / f"{name}.geojson"
@@ -188,6 +151,62 @@ def make_scene(
     ]
     atomic_write_text(csv_path, "\n".join(lines) + "\n")
     return SyntheticScene(image_path, labels_path, csv_path, boxes_px, class_ids, classes)
+
+
+_STRIP = 256  # rows generated and written at a time
+_Object = tuple[int, int, np.ndarray, np.ndarray, int]  # x0, y0, mask, rgb, class index
+
+
+def _objects(placements: list[tuple[int, int, int]], classes: tuple[str, ...], border: int,
+             rng: np.random.Generator) -> list[_Object]:
+    """Each placed object drawn (mask, colours) at a random offset inside its grid cell."""
+    objects = []
+    for cx, cy, ci in placements:
+        mask, rgb = _object_patch(classes[ci], rng, ci)
+        h, w = mask.shape
+        x0 = border + cx * CELL + int(rng.integers(0, CELL - w + 1))
+        y0 = border + cy * CELL + int(rng.integers(0, CELL - h + 1))
+        objects.append((x0, y0, mask, rgb, ci))
+    return objects
+
+
+def _tight_boxes(objects: list[_Object]) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 4) pixel boxes of the drawn pixels (a round crown's mask may not fill its patch's outer rows)
+    and the 1-based class ids."""
+    boxes, ids = [], []
+    for x0, y0, mask, _, ci in objects:
+        ys, xs = np.nonzero(mask)
+        boxes.append((x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1))
+        ids.append(ci + 1)
+    return np.asarray(boxes, np.float64).reshape(-1, 4), np.asarray(ids, np.int64)
+
+
+def _strip_pixels(r0: int, r1: int, width: int, height: int, objects: list[_Object], classes: tuple[str, ...],
+                  phases: np.ndarray, seed: int, bands: int, dtype: str, nodata_border: int) -> np.ndarray:
+    """Rows r0..r1 of the image (h, W, bands) in `dtype`: ground, the objects over it, the nodata border."""
+    srng = np.random.default_rng([seed, r0])  # per-strip noise: same pixels whatever the strip order
+    rgb = _background(np.arange(r0, r1), np.arange(width), phases, srng)
+    extra = np.full((r1 - r0, width), 60.0, np.float32)  # NIR-like band: dark ground
+    for x0, y0, mask, patch, ci in objects:
+        h, w = mask.shape
+        if y0 + h <= r0 or y0 >= r1:
+            continue
+        a, b = max(y0, r0), min(y0 + h, r1)
+        m = mask[a - y0:b - y0]
+        view = rgb[a - r0:b - r0, x0:x0 + w]
+        view[m] = patch[a - y0:b - y0][m]
+        extra[a - r0:b - r0, x0:x0 + w][m] = 200.0 if classes[ci] == "crown" else 90.0
+    pix = np.concatenate([rgb, np.repeat(extra[..., None], bands - 3, axis=2)], axis=2)
+    if dtype == "uint16":
+        pix = pix * 16.0  # ≈12-bit sensor range
+    pix = np.clip(pix, 1, np.iinfo(dtype).max).astype(dtype)  # 0 is reserved for nodata
+    if nodata_border:
+        rows = np.arange(r0, r1)
+        edge_rows = (rows < nodata_border) | (rows >= height - nodata_border)
+        pix[edge_rows] = NODATA
+        pix[:, :nodata_border] = NODATA
+        pix[:, width - nodata_border:] = NODATA
+    return pix
 
 
 def _geojson(boxes: np.ndarray, ids: np.ndarray, classes: Sequence[str], transform, epsg: int) -> dict:  # type: ignore[no-untyped-def]
