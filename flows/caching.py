@@ -40,6 +40,20 @@ STAGE_MODULES: dict[str, tuple[str, ...]] = {
     "predict-scenes": ("pipeline.predict.scene", "pipeline.predict.adapt", "pipeline.predict.vectors"),
 }
 
+# The config each stage reads: a whole section, or one field of another section as "section.field". Its
+# cache key hashes exactly these (plus `classes` and `seed`); tests/flows/test_stage_sections.py reads the
+# stage's code and fails on any read of a section declared nowhere here.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "tile-scene": ("tiling",),
+    "tile-row-block": ("tiling",),
+    "merge-row-blocks": ("tiling",),
+    "finalize-tiling": ("tiling",),
+    "build-dataset": ("data", "tiling", "train.eval_every", "train.early_stopping_patience", "evaluate.split"),
+    "train": ("data", "model", "train", "tiling", "evaluate.max_dets"),
+    "evaluate": ("evaluate", "predict", "tiling", "data"),
+    "predict-scenes": ("predict",),
+}
+
 # Files a stage adds next to its inputs and that must not count as input changes (build_dataset writes
 # dataset.json into the tiles folder it reads).
 IGNORED_NAMES = frozenset({"dataset.json"})
@@ -189,13 +203,14 @@ def config_digest(config: Config, sections: Iterable[str]) -> str:
 
 
 def key_fn(
-    stage: str, sections: Iterable[str], inputs: Callable[[dict[str, Any]], dict[str, Any]], output: str
+    stage: str, inputs: Callable[[dict[str, Any]], dict[str, Any]], output: str
 ) -> Callable[[Any, dict[str, Any]], str]:
     """A Prefect `cache_key_fn` for a task whose parameters include `config` and the named output path.
 
-    `inputs(parameters)` picks the paths (or plain values) whose content decides the result.
+    `inputs(parameters)` picks the paths (or plain values) whose content decides the result; the config
+    part is the stage's STAGE_SECTIONS.
     """
-    sections = tuple(sections)
+    sections = STAGE_SECTIONS[stage]
 
     def _key(context: Any, parameters: dict[str, Any]) -> str:
         code = stage_code(stage, getattr(context, "task", None))

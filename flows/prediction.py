@@ -34,7 +34,7 @@ from pipeline.tf_quiet import import_tensorflow
     retry_delay_seconds=exponential_backoff(backoff_factor=5),
     retry_condition_fn=_transient,
     cache_key_fn=key_fn(
-        "predict-scenes", ["predict"], lambda p: {"model": p["export_dir"], **dict(enumerate(map(str, p["scenes"])))}, "out"
+        "predict-scenes", lambda p: {"model": p["export_dir"], **dict(enumerate(map(str, p["scenes"])))}, "out"
     ),
     persist_result=True,
 )

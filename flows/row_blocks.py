@@ -47,7 +47,7 @@ def _scene_inputs(p: dict[str, Any]) -> dict[str, Any]:
     retry_delay_seconds=exponential_backoff(backoff_factor=5),
     retry_jitter_factor=0.5,
     retry_condition_fn=_transient,
-    cache_key_fn=key_fn("tile-row-block", ["tiling"], _scene_inputs, output="work_dir"),
+    cache_key_fn=key_fn("tile-row-block", _scene_inputs, output="work_dir"),
     persist_result=True,
 )
 def tile_row_block(config: Config, scene_index: int, first: int, end: int, work_dir: Path) -> Path:
@@ -63,7 +63,7 @@ def tile_row_block(config: Config, scene_index: int, first: int, end: int, work_
     retries=2,
     retry_delay_seconds=exponential_backoff(backoff_factor=5),
     retry_condition_fn=_transient,
-    cache_key_fn=key_fn("merge-row-blocks", ["tiling"],
+    cache_key_fn=key_fn("merge-row-blocks",
                         lambda p: {"scene_index": p["scene_index"], **dict(enumerate(map(str, p["block_dirs"])))},
                         output="work_dir"),
     persist_result=True,

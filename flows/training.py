@@ -106,7 +106,6 @@ def plan_tiling(config: Config, work_dir: Path, force: bool = False) -> Path:
     retry_condition_fn=_transient,
     cache_key_fn=key_fn(
         "tile-scene",
-        ["tiling"],
         lambda p: {
             "image": p["config"].tiling.scenes[p["scene_index"]].image,
             "labels": p["config"].tiling.scenes[p["scene_index"]].labels,
@@ -129,7 +128,7 @@ def tile_scene(config: Config, scene_index: int, work_dir: Path) -> Path:
     retries=2,
     retry_delay_seconds=exponential_backoff(backoff_factor=5),
     retry_condition_fn=_transient,
-    cache_key_fn=key_fn("finalize-tiling", ["tiling"], lambda p: dict(enumerate(map(str, p["scene_outputs"]))), "out_dir"),
+    cache_key_fn=key_fn("finalize-tiling", lambda p: dict(enumerate(map(str, p["scene_outputs"]))), "out_dir"),
     persist_result=True,
 )
 def finalize_tiling(config: Config, scene_outputs: list[Path], out_dir: Path) -> Path:
@@ -141,7 +140,7 @@ def finalize_tiling(config: Config, scene_outputs: list[Path], out_dir: Path) ->
 
 @task(
     name="build-dataset",
-    cache_key_fn=key_fn("build-dataset", ["data", "tiling"], lambda p: {"tiles": p["tiles_dir"]}, "tiles_dir"),
+    cache_key_fn=key_fn("build-dataset", lambda p: {"tiles": p["tiles_dir"]}, "tiles_dir"),
     persist_result=True,
 )
 def build_dataset(config: Config, tiles_dir: Path) -> Path:
@@ -155,7 +154,7 @@ def build_dataset(config: Config, tiles_dir: Path) -> Path:
 @task(
     name="train",
     cache_key_fn=key_fn(
-        "train", ["data", "model", "train"], lambda p: {"tiles": p["tiles_dir"]}, "model_dir"
+        "train", lambda p: {"tiles": p["tiles_dir"]}, "model_dir"
     ),
     persist_result=True,
 )
@@ -186,7 +185,6 @@ def train(config: Config, tiles_dir: Path, model_dir: Path, progress_id: Any = N
     name="evaluate",
     cache_key_fn=key_fn(
         "evaluate",
-        ["evaluate", "predict", "tiling"],
         lambda p: {"model": p["model_dir"], "tiles": p["tiles_dir"]},
         "out_dir",
     ),

@@ -365,9 +365,11 @@ class Config(_Section):
     def run_dir(self) -> Path:
         return self.runs_dir / self.name
 
-    def section_dump(self, section: str) -> dict[str, Any]:
-        """A JSON-able dict of one section (used for cache keys)."""
-        return getattr(self, section).model_dump(mode="json")
+    def section_dump(self, section: str) -> Any:
+        """JSON-able value of one section, or of one field of it as "section.field" (used for cache keys)."""
+        name, _, field = section.partition(".")
+        dump = getattr(self, name).model_dump(mode="json")
+        return dump[field] if field else dump
 
 
 # --------------------------------------------------------------------------------------------- loading
