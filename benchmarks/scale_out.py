@@ -129,7 +129,7 @@ def _row_blocks(args: argparse.Namespace, work: Path, config: Path) -> dict:
     import math
 
     from flows.scaleout import dask_task_runner
-    from pipeline.geo.plan import tile_starts
+    from pipeline.geo.grid import tile_starts
 
     tile_flow = _tile_flow()
     edge = args.big_size or args.size

@@ -29,8 +29,9 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.errors import SatdetError
 from pipeline.files import atomic_dir, atomic_write_json, atomic_write_text
+from pipeline.geo.grid import tile_starts
 from pipeline.geo.pixel_sample import SAMPLE_KEYS, trim_sample
-from pipeline.geo.plan import SPLITS, tile_starts
+from pipeline.geo.plan import SPLITS
 from pipeline.geo.scene import tile_scene
 from pipeline.geo.shards import manifest_line, manifest_record
 from pipeline.geo.workdir import load_plan, scene_dir_name

@@ -27,9 +27,10 @@ from pipeline.config import Config
 from pipeline.data.records import encode_tile_chunks, png_capable
 from pipeline.errors import SatdetError
 from pipeline.files import atomic_dir, atomic_write_json, atomic_write_text
+from pipeline.geo.grid import tile_starts
 from pipeline.geo.labels import read_labels
 from pipeline.geo.pixel_sample import SceneSample
-from pipeline.geo.plan import SPLITS, tile_starts
+from pipeline.geo.plan import SPLITS
 from pipeline.geo.raster import info_from_dataset, open_raster
 from pipeline.geo.selection import ChosenTile, select_tiles
 from pipeline.geo.shards import ShardWriter, manifest_line

@@ -10,7 +10,8 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.geo.edges import EdgePolicy
-from pipeline.geo.plan import SPLITS, tile_starts, window_pairs, window_splits
+from pipeline.geo.grid import tile_starts
+from pipeline.geo.plan import SPLITS, window_pairs, window_splits
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The window plan of scene inference: overlapping windows over a scene or a region of it.
 
 Windows are `size` square with `overlap` between neighbours, on the same grid as the tiling stage
-(pipeline.geo.plan.tile_starts): a regular stride, the last row/column shifted inward so every window
+(pipeline.geo.grid.tile_starts): a regular stride, the last row/column shifted inward so every window
 lies inside the scene (or the region). A region smaller than a window is one window of its own size.
 Each window knows where its neighbours start and end, for the seam rule (pipeline.predict.seams).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from pipeline.geo.plan import tile_starts
+from pipeline.geo.grid import tile_starts
 
 log = logging.getLogger(__name__)
 

@@ -2,14 +2,8 @@ import numpy as np
 import pytest
 
 from pipeline.errors import SatdetError
-from pipeline.geo.plan import (
-    block_edges,
-    plan_tiling,
-    tile_starts,
-    tile_windows,
-    window_pairs,
-    window_splits,
-)
+from pipeline.geo.grid import tile_starts, tile_windows
+from pipeline.geo.plan import block_edges, plan_tiling, window_pairs, window_splits
 from pipeline.geo.synth import make_scene
 
 from .conftest import make_config

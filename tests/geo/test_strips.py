@@ -10,7 +10,7 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from pipeline.geo import strips
-from pipeline.geo.plan import tile_starts
+from pipeline.geo.grid import tile_starts
 
 
 def _raster(path, width=200, height=150, block=16, tiled=True):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.geo.plan import tile_starts
+from pipeline.geo.grid import tile_starts
 from pipeline.predict.windows import plan_windows, usable_overlap
 
 
