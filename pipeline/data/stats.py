@@ -158,26 +158,20 @@ def numpy_normalizer(stats: dict[str, Any]) -> Callable[[np.ndarray], np.ndarray
 def percentile_stats(samples: np.ndarray, percentiles: tuple[float, float]
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per-band (low, high, mean, std) of (N, C) samples: low/high as np.percentile (linear), mean/std of
-    the samples clipped to [low, high]. Integer pixels of at most 16 bits are counted into histograms
-    (no float copy, no sort); anything else goes through NumPy."""
+    the samples clipped to [low, high]. For integer pixels of at most 16 bits the mean/std come from
+    per-band histograms (exact sums of few distinct values)."""
     if samples.dtype.kind in "ui" and samples.dtype.itemsize <= 2:
+        # as float64: NumPy interpolates in the input dtype, which overflows for int16
+        low, high = np.percentile(samples.astype(np.float64), list(percentiles), axis=0)
         lo_value = int(np.iinfo(samples.dtype).min)
         n = len(samples)
         out = np.zeros((4, samples.shape[1]))
         for band in range(samples.shape[1]):
             counts = np.bincount(samples[:, band].astype(np.int64) - lo_value)
             values = np.arange(len(counts), dtype=np.float64) + lo_value
-            ends = np.cumsum(counts)  # the sorted samples: ends[k-1] <= index < ends[k] holds values[k]
-            pct = []
-            for p in percentiles:
-                h = (n - 1) * (p / 100)
-                i = math.floor(h)
-                a, b = values[np.searchsorted(ends, [i, min(i + 1, n - 1)], side="right")]
-                t = h - i  # NumPy's linear interpolation, to the last bit (it lerps from b when t >= 0.5)
-                pct.append(b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t)
-            clipped = np.clip(values, pct[0], pct[1])
+            clipped = np.clip(values, low[band], high[band])
             mean = float(counts @ clipped) / n
-            out[:, band] = (pct[0], pct[1], mean, math.sqrt(float(counts @ (clipped - mean) ** 2) / n))
+            out[:, band] = (low[band], high[band], mean, math.sqrt(float(counts @ (clipped - mean) ** 2) / n))
         return out[0], out[1], out[2], out[3]
     samples = samples.astype(np.float64)
     low, high = np.percentile(samples, list(percentiles), axis=0)  # one partition pass for both
