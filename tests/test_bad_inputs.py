@@ -16,7 +16,7 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
-from predict.fakes import BrightSquareDetector  # tests/ is on sys.path (pytest prepends it: no __init__.py)
+from tests.predict.fakes import BrightSquareDetector
 from rasterio.transform import from_origin
 from shapely.geometry import Point, box
 from typer.testing import CliRunner

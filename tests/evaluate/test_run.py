@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import shapely
 import tensorflow as tf
-from predict.fakes import ORIGIN, PIXEL, BrightSquareDetector, write_scene  # tests/ is on sys.path
+from tests.predict.fakes import ORIGIN, PIXEL, BrightSquareDetector, write_scene
 
 from pipeline.config import Config
 from pipeline.data.records import encode_tile

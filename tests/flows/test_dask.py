@@ -10,7 +10,7 @@ from pathlib import Path
 import distributed
 import prefect_dask  # noqa: F401
 import pytest
-from flowkit import fake_evaluation, fake_training, tiny_config, write_config
+from .flowkit import fake_evaluation, fake_training, tiny_config, write_config
 
 import pipeline.evaluate.run as eval_stage
 import pipeline.train.run as train_stage

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from flowkit import fake_evaluation, fake_training, tiny_config, write_config
+from .flowkit import fake_evaluation, fake_training, tiny_config, write_config
 
 import pipeline.evaluate.run as eval_stage
 import pipeline.train.run as train_stage

@@ -13,10 +13,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from flowkit import CLASSES, tiny_config, write_config
-from flowkit import count_calls as _count
-from flowkit import fake_evaluation as _fake_evaluation
-from flowkit import fake_training as _fake_training
+from .flowkit import CLASSES, tiny_config, write_config
+from .flowkit import count_calls as _count
+from .flowkit import fake_evaluation as _fake_evaluation
+from .flowkit import fake_training as _fake_training
 
 import pipeline.data.check as dataset_stage
 import pipeline.evaluate.run as eval_stage

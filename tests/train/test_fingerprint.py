@@ -6,7 +6,7 @@ import json
 import logging
 
 import pytest
-from standin import build_model, synthetic_dataset, tiny_config
+from .standin import build_model, synthetic_dataset, tiny_config
 
 from pipeline.errors import SatdetError
 from pipeline.train.checkpoints import FINGERPRINT_FILE, check_fingerprint, config_fingerprint

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import tensorflow as tf
-from standin import build_model, synthetic_dataset, tiny_config
+from .standin import build_model, synthetic_dataset, tiny_config
 
 from pipeline.model.losses import LOSS_NAMES
 from pipeline.train.fit import fit

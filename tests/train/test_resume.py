@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from standin import detector_resume_run, resume_run
+from .standin import detector_resume_run, resume_run
 
 from pipeline.train.telemetry import read_log
 

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from standin import build_bn_detector, build_model, detector_arrays, synthetic_arrays
+from .standin import build_bn_detector, build_model, detector_arrays, synthetic_arrays
 
 from pipeline.config import ClipConfig, OptimizerConfig
 from pipeline.train.clipping import build_clipper

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from standin import build_model, synthetic_arrays
+from .standin import build_model, synthetic_arrays
 
 from pipeline.config import ClipConfig, OptimizerConfig
 from pipeline.model.losses import LOSS_NAMES

@@ -8,7 +8,7 @@ import logging
 
 import numpy as np
 import pytest
-from standin import build_model, synthetic_dataset, tiny_config
+from .standin import build_model, synthetic_dataset, tiny_config
 
 from pipeline.train.fit import fit
 from pipeline.train.schedule import build_schedule
