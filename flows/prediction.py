@@ -16,12 +16,11 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
-from prefect.tasks import exponential_backoff
 
 from flows.alerts import on_run_failure
 from flows.caching import fingerprint, key_fn
+from flows.retries import io_retries
 from flows.scaleout import on_dask
-from flows.training import _transient
 from pipeline.config import Config, PredictConfig
 from pipeline.errors import SatdetError
 from pipeline.tf_quiet import import_tensorflow
@@ -30,9 +29,7 @@ from pipeline.tf_quiet import import_tensorflow
 @task(
     name="predict-scenes",
     task_run_name="predict-{label}",
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=5),
-    retry_condition_fn=_transient,
+    **io_retries(2),
     cache_key_fn=key_fn(
         "predict-scenes", lambda p: {"model": p["export_dir"], **dict(enumerate(map(str, p["scenes"])))}, "out"
     ),

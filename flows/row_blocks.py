@@ -15,20 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from prefect import task
-from prefect.tasks import exponential_backoff
 
 from flows.caching import key_fn
+from flows.retries import io_retries
 from pipeline.config import Config
 
 AUTO_BLOCK_WINDOWS = 4096  # windows per block on Dask when tiling.row_block_windows is 0 (16k² px at 256 px)
 
 Unit = tuple[int, "tuple[int, int] | None"]  # (scene index, tile-row range or None for the whole scene)
-
-
-def _transient(task_: Any, task_run: Any, state: Any) -> bool:
-    from flows.training import _transient as transient  # one retry policy for every tiling task
-
-    return transient(task_, task_run, state)
 
 
 def _scene_inputs(p: dict[str, Any]) -> dict[str, Any]:
@@ -43,10 +37,7 @@ def _scene_inputs(p: dict[str, Any]) -> dict[str, Any]:
 @task(
     name="tile-row-block",
     task_run_name="tile-scene-{scene_index}-rows-{first}-{end}",
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=5),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=_transient,
+    **io_retries(3, jitter=True),
     cache_key_fn=key_fn("tile-row-block", _scene_inputs, output="work_dir"),
     persist_result=True,
 )
@@ -60,9 +51,7 @@ def tile_row_block(config: Config, scene_index: int, first: int, end: int, work_
 @task(
     name="merge-row-blocks",
     task_run_name="merge-row-blocks-{scene_index}",
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=5),
-    retry_condition_fn=_transient,
+    **io_retries(2),
     cache_key_fn=key_fn("merge-row-blocks",
                         lambda p: {"scene_index": p["scene_index"], **dict(enumerate(map(str, p["block_dirs"])))},
                         output="work_dir"),

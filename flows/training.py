@@ -28,29 +28,23 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.tasks import exponential_backoff
 from prefect.utilities.timeout import timeout
 
 from flows.alerts import on_run_failure
 from flows.caching import config_digest, fingerprint, key_fn, stage_code, stage_key
 from flows.locking import run_folder_lock
 from flows.reporting import publish_artifacts, slug
+from flows.retries import io_retries
 from flows.row_blocks import merged_outputs, tile_row_block, tiling_units
 from flows.runlog import follow_training, pipeline_logs_to_run, run_logger
 from flows.scaleout import on_dask
-from pipeline.config import Config, ConfigError, config_from_dict, load_config, save_config
+from pipeline.config import Config, config_from_dict, load_config, save_config
 from pipeline.errors import SatdetError
 from pipeline.files import atomic_write_json, atomic_write_text
 from pipeline.tf_quiet import import_tensorflow
 
 # Share of the progress bar each stage completes (training dominates the wall time).
 _PROGRESS = {"tiled": 10.0, "dataset": 15.0, "trained": 90.0, "evaluated": 100.0}
-
-
-def _transient(_task: Any, _task_run: Any, state: Any) -> bool:
-    """Retry unless the failure is a user-fixable one (bad config or input): retrying cannot fix those."""
-    exc = state.data if isinstance(state.data, BaseException) else None
-    return not isinstance(exc, (SatdetError, ConfigError))
 
 
 # ------------------------------------------------------------------------------------------------ tasks
@@ -72,9 +66,7 @@ def _scene_plan(work_dir: Path, scene_index: int) -> Any:
 
 @task(
     name="plan-tiling",
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=5),
-    retry_condition_fn=_transient,
+    **io_retries(2),
 )
 def plan_tiling(config: Config, work_dir: Path, force: bool = False) -> Path:
     """Read every scene's header once and write the tiling plan (windows, blocks, splits) to
@@ -100,10 +92,7 @@ def plan_tiling(config: Config, work_dir: Path, force: bool = False) -> Path:
 @task(
     name="tile-scene",
     task_run_name="tile-scene-{scene_index}",
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=5),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=_transient,
+    **io_retries(3, jitter=True),
     cache_key_fn=key_fn(
         "tile-scene",
         lambda p: {
@@ -125,9 +114,7 @@ def tile_scene(config: Config, scene_index: int, work_dir: Path) -> Path:
 
 @task(
     name="finalize-tiling",
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=5),
-    retry_condition_fn=_transient,
+    **io_retries(2),
     cache_key_fn=key_fn("finalize-tiling", lambda p: dict(enumerate(map(str, p["scene_outputs"]))), "out_dir"),
     persist_result=True,
 )
