@@ -27,6 +27,7 @@ import yaml
 
 from pipeline.config import ModelConfig
 from pipeline.model.detector import build_detector
+from pipeline.model.kernels import XLA_KERNELS
 
 
 def _batch(batch: int, size: int, boxes: int, seed: int = 0) -> tuple[tf.Tensor, dict]:
@@ -54,7 +55,7 @@ def _time(fn, steps: int) -> float:
 
 def run(cfg: ModelConfig, jit: bool, batch: int, size: int, steps: int) -> dict:
     if jit:
-        cfg = cfg.model_copy(update={"roi_align_impl": "gather", "nms_impl": "padded"})  # no XLA kernels for the CPU ones
+        cfg = cfg.model_copy(update=XLA_KERNELS)  # the CPU kernels have no XLA lowering
     model = build_detector(cfg, num_classes=1, bands=3)
     optimizer = tf.keras.optimizers.SGD(0.01, momentum=0.9)
     images, targets = _batch(batch, size, 30)

@@ -46,7 +46,7 @@ def train_run(config: Config, tiles_dir: Path, model_dir: Path) -> dict[str, Any
     from pipeline.data.dataset import build_dataset
     from pipeline.data.stats import load_stats
     from pipeline.train.run import build_for_training, fit_on_tiles
-    from pipeline.train.validation import make_predict_fn, validation_ap50
+    from pipeline.train.validation import Validation
 
     stats = load_stats(tiles_dir)
     model, strategy, exempt = build_for_training(config, int(stats["channels"]), stats=stats)
@@ -57,9 +57,7 @@ def train_run(config: Config, tiles_dir: Path, model_dir: Path) -> dict[str, Any
     t0 = time.monotonic()
     val = build_dataset(tiles_dir, "val", config, training=False)
     try:
-        summary["val_ap50"] = validation_ap50(
-            model, val, list(config.classes), config.evaluate.max_dets, predict_fn=make_predict_fn(model)
-        )
+        summary["val_ap50"] = Validation(model, val, list(config.classes), config.evaluate.max_dets).ap50(model)
     except Exception as err:  # noqa: BLE001 - weights that went wild can break inference; the training result still counts
         summary["val_ap50"] = math.nan
         summary["val_error"] = _one_line(err)
