@@ -161,17 +161,17 @@ def percentile_stats(samples: np.ndarray, percentiles: tuple[float, float]
     the samples clipped to [low, high]. For integer pixels of at most 16 bits the mean/std come from
     per-band histograms (exact sums of few distinct values)."""
     if samples.dtype.kind in "ui" and samples.dtype.itemsize <= 2:
-        # as float64: NumPy interpolates in the input dtype, which overflows for int16
-        low, high = np.percentile(samples.astype(np.float64), list(percentiles), axis=0)
         lo_value = int(np.iinfo(samples.dtype).min)
         n = len(samples)
         out = np.zeros((4, samples.shape[1]))
         for band in range(samples.shape[1]):
+            # one band at a time, as float64: NumPy interpolates in the input dtype (int16 would overflow)
+            low, high = np.percentile(samples[:, band].astype(np.float64), list(percentiles))
             counts = np.bincount(samples[:, band].astype(np.int64) - lo_value)
             values = np.arange(len(counts), dtype=np.float64) + lo_value
-            clipped = np.clip(values, low[band], high[band])
+            clipped = np.clip(values, low, high)
             mean = float(counts @ clipped) / n
-            out[:, band] = (low[band], high[band], mean, math.sqrt(float(counts @ (clipped - mean) ** 2) / n))
+            out[:, band] = (low, high, mean, math.sqrt(float(counts @ (clipped - mean) ** 2) / n))
         return out[0], out[1], out[2], out[3]
     samples = samples.astype(np.float64)
     low, high = np.percentile(samples, list(percentiles), axis=0)  # one partition pass for both
