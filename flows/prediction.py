@@ -67,17 +67,17 @@ def loaded_detector(export_dir: Path, cfg: PredictConfig) -> Any:
 def predict_one(config: Config, export_dir: Path, scene: Path, out_dir: Path) -> Path:
     """One scene with the shared detector, written as out_dir/<scene>.<geojson|gpkg> (what
     pipeline.predict.scene.predict_scenes writes per scene into a folder)."""
+    from pipeline.geo.raster import exists_or_remote
     from pipeline.predict import scene as scene_stage
     from pipeline.predict.adapt import scene_detector
-    from pipeline.predict.vectors import write_detections
+    from pipeline.predict.vectors import write_results
 
     cfg = config.predict
-    if "://" not in str(scene) and not str(scene).startswith("/vsi") and not Path(scene).exists():
+    if not exists_or_remote(scene):
         raise SatdetError(f"{scene}: scene file not found")
     detector = scene_detector(loaded_detector(export_dir, cfg), scene, cfg)
     result = scene_stage.predict_region(detector, scene, cfg)
-    fmt = "gpkg" if cfg.format == "gpkg" else "geojson"
-    return Path(write_detections([result], Path(out_dir) / f"{result.scene}.{fmt}", fmt))
+    return Path(write_results([result], Path(out_dir), cfg.format, per_scene=True)[0])
 
 
 _FILE_SUFFIXES = (".geojson", ".json", ".gpkg")

@@ -28,6 +28,7 @@ import numpy as np
 
 from pipeline.config import PredictConfig
 from pipeline.errors import SatdetError
+from pipeline.geo.raster import exists_or_remote
 from pipeline.predict.exported import Detector, check_scene, output_threshold
 from pipeline.predict.progress import SceneProgressBars, WindowProgress
 from pipeline.predict.reader import nodata_fill, read_batches
@@ -171,5 +172,5 @@ def _detect_windows(detector: Detector, scene: str | Path, windows: Sequence[Win
 def _check_scenes_exist(scenes: list[Path]) -> None:
     """Local scene files must exist (remote ones, s3:// or /vsi..., are left to the reader)."""
     for s in scenes:
-        if "://" not in str(s) and not str(s).startswith("/vsi") and not Path(s).exists():
+        if not exists_or_remote(s):
             raise SatdetError(f"{s}: scene file not found")
