@@ -10,6 +10,7 @@ runs keep one task per scene.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -25,20 +26,34 @@ AUTO_BLOCK_WINDOWS = 4096  # windows per block on Dask when tiling.row_block_win
 Unit = tuple[int, "tuple[int, int] | None"]  # (scene index, tile-row range or None for the whole scene)
 
 
-def _scene_inputs(p: dict[str, Any]) -> dict[str, Any]:
-    """What one scene's tiles depend on (as for tile-scene), plus the block's rows."""
-    from flows.training import _scene_plan
+def _scene_plan(work_dir: Path, scene_index: int) -> Any:
+    """The plan's entry for one scene plus the plan-wide fields (what one scene's tiles depend on)."""
+    from pipeline.geo.workdir import PLAN_FILE
 
+    try:
+        plan = json.loads((Path(work_dir) / PLAN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    shared = {k: v for k, v in plan.items() if k != "scenes"}
+    return hashlib.sha256(json.dumps([shared, plan["scenes"][scene_index]], sort_keys=True,
+                                     default=str).encode()).hexdigest()
+
+
+def scene_inputs(p: dict[str, Any]) -> dict[str, Any]:
+    """What one scene's tiles depend on (the tile-scene and tile-row-block cache keys); a block adds its rows."""
     scene = p["config"].tiling.scenes[p["scene_index"]]
-    return {"image": scene.image, "labels": scene.labels, "scene_index": p["scene_index"],
-            "plan": _scene_plan(p["work_dir"], p["scene_index"]), "rows": [p["first"], p["end"]]}
+    inputs = {"image": scene.image, "labels": scene.labels, "scene_index": p["scene_index"],
+              "plan": _scene_plan(p["work_dir"], p["scene_index"])}
+    if "first" in p:
+        inputs["rows"] = [p["first"], p["end"]]
+    return inputs
 
 
 @task(
     name="tile-row-block",
     task_run_name="tile-scene-{scene_index}-rows-{first}-{end}",
     **io_retries(3, jitter=True),
-    cache_key_fn=key_fn("tile-row-block", _scene_inputs, output="work_dir"),
+    cache_key_fn=key_fn("tile-row-block", scene_inputs, output="work_dir"),
     persist_result=True,
 )
 def tile_row_block(config: Config, scene_index: int, first: int, end: int, work_dir: Path) -> Path:

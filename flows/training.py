@@ -19,7 +19,6 @@ keeps `satdet schedule` quick and lets tests swap a stage function on its module
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -35,7 +34,7 @@ from flows.caching import config_digest, fingerprint, key_fn, stage_code, stage_
 from flows.locking import run_folder_lock
 from flows.reporting import publish_artifacts, slug
 from flows.retries import io_retries
-from flows.row_blocks import merged_outputs, tile_row_block, tiling_units
+from flows.row_blocks import merged_outputs, scene_inputs, tile_row_block, tiling_units
 from flows.runlog import follow_training, pipeline_logs_to_run, run_logger
 from flows.scaleout import on_dask
 from pipeline.config import Config, config_from_dict, load_config, save_config
@@ -49,19 +48,6 @@ _PROGRESS = {"tiled": 10.0, "dataset": 15.0, "trained": 90.0, "evaluated": 100.0
 
 # ------------------------------------------------------------------------------------------------ tasks
 PLAN_KEY_FILE = "plan.key"
-
-
-def _scene_plan(work_dir: Path, scene_index: int) -> Any:
-    """The plan's entry for one scene plus the plan-wide fields (what one scene's tiles depend on)."""
-    from pipeline.geo.workdir import PLAN_FILE
-
-    try:
-        plan = json.loads((Path(work_dir) / PLAN_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    shared = {k: v for k, v in plan.items() if k != "scenes"}
-    return hashlib.sha256(json.dumps([shared, plan["scenes"][scene_index]], sort_keys=True,
-                                     default=str).encode()).hexdigest()
 
 
 @task(
@@ -93,16 +79,7 @@ def plan_tiling(config: Config, work_dir: Path, force: bool = False) -> Path:
     name="tile-scene",
     task_run_name="tile-scene-{scene_index}",
     **io_retries(3, jitter=True),
-    cache_key_fn=key_fn(
-        "tile-scene",
-        lambda p: {
-            "image": p["config"].tiling.scenes[p["scene_index"]].image,
-            "labels": p["config"].tiling.scenes[p["scene_index"]].labels,
-            "scene_index": p["scene_index"],
-            "plan": _scene_plan(p["work_dir"], p["scene_index"]),
-        },
-        output="work_dir",
-    ),
+    cache_key_fn=key_fn("tile-scene", scene_inputs, output="work_dir"),
     persist_result=True,
 )
 def tile_scene(config: Config, scene_index: int, work_dir: Path) -> Path:
@@ -278,7 +255,7 @@ def _train_pipeline(config: Config, run_dir: Path, force: bool, logger: Any) -> 
 
     tiles_done = tiles_dir / "manifest.jsonl"
     plan_tiling(config, work_dir, force=force)  # once, before the scene tasks (they all read it)
-    scene_outputs = tile_all_scenes(config, work_dir, force or not (work_dir.exists() and tiles_done.exists()))
+    scene_outputs = tile_all_scenes(config, work_dir, force or not tiles_done.exists())
     tiles = fresh(finalize_tiling, tiles_done)(config, scene_outputs, tiles_dir)
     _prune_siblings(work_dir)
     update_progress_artifact(progress_id, _PROGRESS["tiled"])
