@@ -5,7 +5,6 @@ output are the same however the scene was split.
     row_blocks(plan, scene_index, windows_per_block) -> [(first, end), ...]   tile-row index ranges
     tile_row_block(config, scene_index, rows, work_dir) -> Path                one block's folder
     merge_row_blocks(config, scene_index, block_dirs, work_dir) -> Path        the scene's folder
-    tile_scene_in_blocks(config, scene_index, work_dir, windows_per_block)     all blocks, then the merge
 
 Why the bytes match: every block chooses the tiles over the whole scene (from geometry and labels alone, so
 the blocks agree) and keeps its own rows; the k-th chosen tile of the scene takes the k-th draw of the
@@ -160,11 +159,3 @@ def merge_row_blocks(config: Config, scene_index: int, block_dirs: list[Path], w
         _merged_samples(out, blocks, config.tiling.stats_max_pixels, plan["dtype"])
         atomic_write_json(out / "scene.json", _merged_meta(blocks, parts))
     return out_final
-
-
-def tile_scene_in_blocks(config: Config, scene_index: int, work_dir: Path, windows_per_block: int) -> Path:
-    """Tile one scene block by block in this process, then merge: the same folder as `tile_scene`."""
-    plan = load_plan(config, Path(work_dir))
-    dirs = [tile_row_block(config, scene_index, rows, work_dir)
-            for rows in row_blocks(plan, scene_index, windows_per_block)]
-    return merge_row_blocks(config, scene_index, dirs, work_dir)

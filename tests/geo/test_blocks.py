@@ -12,7 +12,7 @@ import pytest
 import rasterio
 
 from pipeline.errors import SatdetError
-from pipeline.geo.blocks import merge_row_blocks, row_blocks, tile_row_block, tile_scene_in_blocks
+from pipeline.geo.blocks import merge_row_blocks, row_blocks, tile_row_block
 from pipeline.geo.finalize import finalize_tiling
 from pipeline.geo.scene import tile_scene
 from pipeline.geo.synth import make_scene
@@ -21,6 +21,12 @@ from pipeline.geo.workdir import load_plan
 
 from .conftest import make_config
 
+
+def tile_scene_in_blocks(config, scene_index, work_dir, windows_per_block):
+    """Tile one scene block by block in this process, then merge (what the flow's tasks do on Dask)."""
+    plan = load_plan(config, Path(work_dir))
+    dirs = [tile_row_block(config, scene_index, rows, work_dir) for rows in row_blocks(plan, scene_index, windows_per_block)]
+    return merge_row_blocks(config, scene_index, dirs, work_dir)
 
 def _digests(folder: Path) -> dict[str, str]:
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
