@@ -16,7 +16,6 @@ import geopandas as gpd
 import numpy as np
 import pytest
 import rasterio
-from tests.predict.fakes import BrightSquareDetector
 from rasterio.transform import from_origin
 from shapely.geometry import Point, box
 from typer.testing import CliRunner
@@ -24,6 +23,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.geo.synth import make_scene
 from pipeline.predict import exported
+from tests.predict.fakes import BrightSquareDetector
 
 CLASSES = ["crown", "roof", "vehicle"]
 EPSG = "EPSG:32633"

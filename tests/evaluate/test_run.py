@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import shapely
 import tensorflow as tf
-from tests.predict.fakes import ORIGIN, PIXEL, BrightSquareDetector, write_scene
 
 from pipeline.config import Config
 from pipeline.data.records import encode_tile
 from pipeline.errors import SatdetError
 from pipeline.predict import exported
+from tests.predict.fakes import ORIGIN, PIXEL, BrightSquareDetector, write_scene
 
 SQUARES = [(10, 10, 24, 24), (40, 30, 52, 42), (90, 50, 106, 64), (58, 90, 72, 104), (120, 120, 134, 134)]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+
 from .flowkit import CLASSES, SPLITS
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -10,11 +10,12 @@ from pathlib import Path
 import distributed
 import prefect_dask  # noqa: F401
 import pytest
-from .flowkit import fake_evaluation, fake_training, tiny_config, write_config
 
 import pipeline.evaluate.run as eval_stage
 import pipeline.train.run as train_stage
 from flows import training
+
+from .flowkit import fake_evaluation, fake_training, tiny_config, write_config
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-from .flowkit import fake_evaluation, fake_training, tiny_config, write_config
 
 import pipeline.evaluate.run as eval_stage
 import pipeline.train.run as train_stage
 from flows import locking, training
 from pipeline.errors import SatdetError
+
+from .flowkit import fake_evaluation, fake_training, tiny_config, write_config
 
 REPO = Path(__file__).resolve().parents[2]
 

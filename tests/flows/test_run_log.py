@@ -10,12 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-from .flowkit import fake_evaluation, fake_training, tiny_config, write_config
 
 import pipeline.evaluate.run as eval_stage
 import pipeline.train.run as train_stage
 from flows import alerts, training
 from flows.runlog import _LogTail, progress_line
+
+from .flowkit import fake_evaluation, fake_training, tiny_config, write_config
 
 
 def _run_logs(flow_run_id, expect: list[str], wait_s: float = 30.0) -> list[str]:

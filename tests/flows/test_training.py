@@ -13,10 +13,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from .flowkit import CLASSES, tiny_config, write_config
-from .flowkit import count_calls as _count
-from .flowkit import fake_evaluation as _fake_evaluation
-from .flowkit import fake_training as _fake_training
 
 import pipeline.data.check as dataset_stage
 import pipeline.evaluate.run as eval_stage
@@ -27,6 +23,11 @@ import pipeline.train.run as train_stage
 from flows import training
 from flows.reporting import per_class_rows
 from pipeline.errors import SatdetError
+
+from .flowkit import CLASSES, tiny_config, write_config
+from .flowkit import count_calls as _count
+from .flowkit import fake_evaluation as _fake_evaluation
+from .flowkit import fake_training as _fake_training
 
 STAGES = ("tile_scene", "finalize_tiling", "run_dataset_check", "run_training", "run_evaluation")
 

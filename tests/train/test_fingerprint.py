@@ -6,11 +6,12 @@ import json
 import logging
 
 import pytest
-from .standin import build_model, synthetic_dataset, tiny_config
 
 from pipeline.errors import SatdetError
 from pipeline.train.checkpoints import FINGERPRINT_FILE, check_fingerprint, config_fingerprint
 from pipeline.train.fit import fit
+
+from .standin import build_model, synthetic_dataset, tiny_config
 
 STATS = {"dtype": "uint8", "bands": [1, 2, 3], "channels": 3, "tile_size": 400, "low": [0.0] * 3}
 

@@ -7,11 +7,12 @@ import json
 
 import numpy as np
 import tensorflow as tf
-from .standin import build_model, synthetic_dataset, tiny_config
 
 from pipeline.model.losses import LOSS_NAMES
 from pipeline.train.fit import fit
 from pipeline.train.telemetry import read_log
+
+from .standin import build_model, synthetic_dataset, tiny_config
 
 
 def test_fit_lowers_the_loss_and_writes_telemetry_and_checkpoints(tmp_path):

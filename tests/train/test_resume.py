@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from .standin import detector_resume_run, resume_run
 
 from pipeline.train.telemetry import read_log
+
+from .standin import detector_resume_run, resume_run
 
 HERE = Path(__file__).parent
 

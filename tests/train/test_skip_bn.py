@@ -7,12 +7,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from .standin import build_bn_detector, build_model, detector_arrays, synthetic_arrays
 
 from pipeline.config import ClipConfig, OptimizerConfig
 from pipeline.train.clipping import build_clipper
 from pipeline.train.optim import build_optimizer
 from pipeline.train.step import LossScale, TrainStep, build_variables
+
+from .standin import build_bn_detector, build_model, detector_arrays, synthetic_arrays
 
 
 def _snapshot(variables) -> list[bytes]:

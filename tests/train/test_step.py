@@ -6,13 +6,14 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from .standin import build_model, synthetic_arrays
 
 from pipeline.config import ClipConfig, OptimizerConfig
 from pipeline.model.losses import LOSS_NAMES
 from pipeline.train.clipping import build_clipper
 from pipeline.train.optim import build_optimizer
 from pipeline.train.step import LossScale, TrainStep
+
+from .standin import build_model, synthetic_arrays
 
 
 def _batch(n=4, seed=0):

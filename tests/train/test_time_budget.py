@@ -8,12 +8,13 @@ import logging
 
 import numpy as np
 import pytest
-from .standin import build_model, synthetic_dataset, tiny_config
 
 from pipeline.train.fit import fit
 from pipeline.train.schedule import build_schedule
 from pipeline.train.step import TrainStep
 from pipeline.train.telemetry import read_log
+
+from .standin import build_model, synthetic_dataset, tiny_config
 
 PEAK = 0.05
 
