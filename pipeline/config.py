@@ -127,7 +127,7 @@ class DataConfig(_Section):
 
 # --------------------------------------------------------------------------------------------- model
 class ModelConfig(_Section):
-    backbone: Literal["mobilenet_v3_large", "resnet50", "tiny"] = Field(
+    backbone: Literal["mobilenet_v3_large", "mobilenet_v3_small", "resnet50", "tiny"] = Field(
         "mobilenet_v3_large", description="Feature extractor."
     )
     weights: str = Field(

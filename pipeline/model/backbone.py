@@ -1,4 +1,5 @@
-"""Feature extractors: ResNet50 and MobileNetV3-Large from keras.applications, and a tiny CNN for tests.
+"""Feature extractors: ResNet50, MobileNetV3-Large and MobileNetV3-Small from keras.applications, and a tiny CNN
+for tests.
 
 Every backbone is a functional ``keras.Model`` mapping ``[B, H, W, bands]`` (H, W multiples of 32) to the
 list ``[C2, C3, C4, C5]`` of feature maps at strides 4, 8, 16 and 32. Weights are ``'none'`` (random),
@@ -32,15 +33,21 @@ import numpy as np
 
 from pipeline.errors import SatdetError
 
-BACKBONES = ("mobilenet_v3_large", "resnet50", "tiny")
+BACKBONES = ("mobilenet_v3_large", "mobilenet_v3_small", "resnet50", "tiny")
 NUM_STAGES = 4  # stages at strides 4, 8, 16, 32 after the stem
-# Strided depthwise blocks of MobileNetV3-Large: the *input* of each of these padding layers is the last
-# (expanded, 72/240/672-channel) activation at strides 4, 8 and 16; the model output is stride 32.
-_MOBILENET_TAPS = ("expanded_conv_3_depthwise_pad", "expanded_conv_6_depthwise_pad", "expanded_conv_12_depthwise_pad")
+# Strided depthwise blocks of MobileNetV3: the *input* of each of these padding layers is the last
+# (expanded) activation at strides 4, 8 and 16 (Large: 72/240/672 channels, Small: 72/96/288); the model
+# output is stride 32.
+_MOBILENET_TAPS = {
+    "mobilenet_v3_large": ("expanded_conv_3_depthwise_pad", "expanded_conv_6_depthwise_pad",
+                           "expanded_conv_12_depthwise_pad"),
+    "mobilenet_v3_small": ("expanded_conv_1_depthwise_pad", "expanded_conv_3_depthwise_pad",
+                           "expanded_conv_8_depthwise_pad"),
+}
 _RESNET_TAPS = ("conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out")
-# First block of each MobileNetV3-Large stage: blocks 1, 3, 6, 12 have stride 2 (outputs at strides 4-32);
-# the stem conv and block 0 run at stride 2.
-_MOBILENET_STAGE_STARTS = (1, 3, 6, 12)
+# First block of each MobileNetV3 stage (the blocks with stride 2, outputs at strides 4-32). Large: the stem
+# conv and block 0 run at stride 2, blocks 1, 3, 6, 12 start the stages. Small: block 0 itself has stride 2.
+_MOBILENET_STAGE_STARTS = {"mobilenet_v3_large": (1, 3, 6, 12), "mobilenet_v3_small": (0, 1, 3, 8)}
 # ImageNet RGB mean/std as fractions of 255 (torchvision), and keras' 'caffe' mean in RGB order.
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,6 +55,7 @@ _CAFFE_MEAN_RGB = (123.68, 116.779, 103.939)
 WEIGHT_FILES = {
     "resnet50": "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
     "mobilenet_v3_large": "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5",
+    "mobilenet_v3_small": "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
 }
 
 
@@ -125,17 +133,19 @@ class PretrainedInput(keras.layers.Layer):
 
 def _application(name: str, bands: int, weights: str | None, input_tensor: Any = None) -> keras.Model:
     shape = (None, None, bands)
-    if name == "mobilenet_v3_large":
+    if name in _MOBILENET_TAPS:
         # include_preprocessing=False: its x / 127.5 - 1 is folded into PretrainedInput for pretrained weights.
-        return keras.applications.MobileNetV3Large(input_shape=shape, include_top=False, weights=weights,
-                                                   include_preprocessing=False, input_tensor=input_tensor)
+        app = (keras.applications.MobileNetV3Large if name == "mobilenet_v3_large"
+               else keras.applications.MobileNetV3Small)
+        return app(input_shape=shape, include_top=False, weights=weights, include_preprocessing=False,
+                   input_tensor=input_tensor)
     return keras.applications.ResNet50(input_shape=shape, include_top=False, weights=weights,
                                        input_tensor=input_tensor)
 
 
 def _taps(name: str, app: keras.Model) -> list:
-    if name == "mobilenet_v3_large":
-        return [app.get_layer(n).input for n in _MOBILENET_TAPS] + [app.output]
+    if name in _MOBILENET_TAPS:
+        return [app.get_layer(n).input for n in _MOBILENET_TAPS[name]] + [app.output]
     return [app.get_layer(n).output for n in _RESNET_TAPS]
 
 
@@ -206,20 +216,22 @@ def stage_of(name: str, layer_name: str) -> int | None:
     """0 for the stem, 1-4 for the stages at strides 4-32, None for layers in neither (input, preprocessing).
 
     ResNet50: conv1 + pool1 | conv2_x | conv3_x | conv4_x | conv5_x. MobileNetV3-Large: conv + block 0
-    (stride 2) | blocks 1-2 | 3-5 | 6-11 | 12-14 + conv_1, i.e. expanded_conv blocks grouped by output stride.
+    (stride 2) | blocks 1-2 | 3-5 | 6-11 | 12-14 + conv_1; MobileNetV3-Small: conv | block 0 | 1-2 | 3-7 |
+    8-10 + conv_1, i.e. expanded_conv blocks grouped by output stride.
     """
     if name == "resnet50":
         match = re.match(r"(?:conv|pool)(\d)_", layer_name)
         return int(match.group(1)) - 1 if match else None
-    if name == "mobilenet_v3_large":
+    if name in _MOBILENET_STAGE_STARTS:
         if layer_name in ("conv", "conv_bn"):
             return 0
         if layer_name.startswith("conv_1"):
             return NUM_STAGES
         match = re.match(r"expanded_conv_(\d+)_", layer_name)
-        if match:
-            return sum(int(match.group(1)) >= start for start in _MOBILENET_STAGE_STARTS)
-        return 0 if layer_name.startswith("expanded_conv_") else None  # block 0 has no index
+        block = int(match.group(1)) if match else 0 if layer_name.startswith("expanded_conv_") else None
+        if block is None:  # block 0 has no index in its layer names
+            return None
+        return sum(block >= start for start in _MOBILENET_STAGE_STARTS[name])
     match = re.match(r"tiny_(?:stem|c(\d))", layer_name)
     return (int(match.group(1)) - 1 if match.group(1) else 0) if match else None
 

@@ -12,10 +12,13 @@ def _bn_momenta(model: keras.Model) -> set[float]:
     return {round(layer.momentum, 6) for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)}
 
 
-def test_mobilenet_gives_four_levels_at_strides_4_to_32_for_any_band_count():
-    backbone = build_backbone("mobilenet_v3_large", bands=5)
+@pytest.mark.parametrize(("name", "channels"), [("mobilenet_v3_large", [72, 240, 672, 960]),
+                                              ("mobilenet_v3_small", [72, 96, 288, 576])])
+def test_mobilenet_gives_four_levels_at_strides_4_to_32_for_any_band_count(name, channels):
+    backbone = build_backbone(name, bands=5)
     outs = backbone(np.zeros((1, 128, 96, 5), np.float32))
     assert [(o.shape[1], o.shape[2]) for o in outs] == [(32, 24), (16, 12), (8, 6), (4, 3)]
+    assert [o.shape[3] for o in outs] == channels  # the expanded activations before each strided block
 
 
 def test_bn_momentum_is_applied_to_every_batch_norm_layer():
@@ -55,6 +58,10 @@ def test_stages_follow_the_feature_strides():
     names = ("conv_bn", "expanded_conv_depthwise", "expanded_conv_1_expand", "expanded_conv_3_project",
              "expanded_conv_6_expand", "expanded_conv_11_add", "expanded_conv_12_depthwise", "conv_1_bn", "input_1")
     assert [stage_of("mobilenet_v3_large", n) for n in names] == [0, 0, 1, 2, 3, 3, 4, 4, None]
+    # MobileNetV3-Small: block 0 already has stride 2 (stage 1); blocks 1, 3 and 8 start stages 2-4
+    small = ("conv_bn", "expanded_conv_depthwise", "expanded_conv_1_expand", "expanded_conv_2_add",
+             "expanded_conv_3_depthwise", "expanded_conv_7_project", "expanded_conv_8_expand", "conv_1_bn")
+    assert [stage_of("mobilenet_v3_small", n) for n in small] == [0, 1, 2, 2, 3, 3, 4, 4]
     assert [stage_of("tiny", n) for n in ("tiny_stem", "tiny_c2_down", "tiny_c5")] == [0, 1, 4]
     with pytest.raises(SatdetError, match="freeze_stages"):
         build_backbone("tiny", 3, freeze_stages=5)

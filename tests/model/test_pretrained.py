@@ -24,8 +24,9 @@ STATS5 = {"dtype": "uint16", "channels": 5, "low": [10.0, 20.0, 5.0, 100.0, 0.0]
 def _app(name: str, **kwargs) -> keras.Model:
     if name == "resnet50":
         return keras.applications.ResNet50(input_shape=(None, None, 3), include_top=False, weights=None)
-    return keras.applications.MobileNetV3Large(input_shape=(None, None, 3), include_top=False, weights=None,
-                                               include_preprocessing=kwargs.get("include_preprocessing", False))
+    app = keras.applications.MobileNetV3Small if name == "mobilenet_v3_small" else keras.applications.MobileNetV3Large
+    return app(input_shape=(None, None, 3), include_top=False, weights=None,
+               include_preprocessing=kwargs.get("include_preprocessing", False))
 
 
 def _weights_file(name: str, path) -> dict[str, np.ndarray]:
@@ -71,6 +72,17 @@ def test_weights_file_loads_bit_exact(resnet_file):
     assert all(np.array_equal(loaded[k], saved[k]) for k in saved)
     outs = backbone(np.zeros((1, 64, 64, 3), np.float32))
     assert [o.shape[1] for o in outs] == [16, 8, 4, 2]
+
+
+def test_mobilenet_small_weights_file_loads_bit_exact_with_stage_freezing(tmp_path):
+    path = tmp_path / "mobilenet_v3_small.weights.h5"
+    saved = _weights_file("mobilenet_v3_small", path)
+    backbone = build_backbone("mobilenet_v3_small", 3, str(path), freeze_stages=2)
+    loaded = _weights_by_path(backbone)
+    assert loaded.keys() == saved.keys()
+    assert all(np.array_equal(loaded[k], saved[k]) for k in saved)
+    trainable = {layer.name for layer in backbone.layers if layer.trainable_weights}
+    assert "expanded_conv_2_expand" not in trainable and "expanded_conv_3_expand" in trainable
 
 
 def test_four_bands_adapt_the_first_convolution_and_copy_the_rest(mobilenet_file):
