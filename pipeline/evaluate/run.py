@@ -82,7 +82,8 @@ def evaluate_scenes(config: Config, detector: Any, tiles_dir: Path) -> list[Bloc
 def _evaluate_scene(config: Config, detector: Any, name: str, image: str, labels_path: str,
                     windows: list[tuple[int, ...]] | None) -> list[BlockResult]:
     """Predict `windows` of one scene (None: the whole scene) at score threshold 0, with the ground truth
-    the tiling edge policy keeps in each."""
+    the tiling edge policy keeps in each. The adaptation (scene statistics, AdaBN) is that of the whole scene,
+    as `satdet predict` on the scene would do, not of each block alone."""
     from pipeline.geo.edges import EdgePolicy
     from pipeline.geo.labels import read_labels
     from pipeline.geo.raster import exists_or_remote, raster_info
@@ -97,11 +98,12 @@ def _evaluate_scene(config: Config, detector: Any, name: str, image: str, labels
     pcfg = config.predict.model_copy(update={"score_threshold": 0.0})
     info = raster_info(image)
     labels = read_labels(labels_path, info, config.classes, config.tiling.label_field)
+    adapted = scene_detector(detector, image, pcfg)
     out = []
     for c, r, w, h in windows or [(0, 0, info.width, info.height)]:
         kept = policy.apply(labels.boxes, (c, r, c + w, r + h))
         region = (c, r, w, h)
-        dets = predict_region(scene_detector(detector, image, pcfg, region), image, pcfg, region=region)
+        dets = predict_region(adapted, image, pcfg, region=region)
         out.append(BlockResult(name, image, region, kept.boxes, labels.class_ids[kept.index], dets))
     return out
 

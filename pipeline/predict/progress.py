@@ -22,10 +22,12 @@ class SceneProgressBars:
 
     def __enter__(self) -> Callable[[str], WindowProgress | None]:
         if self.enabled:
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                      TextColumn("windows  {task.fields[mpx]:.2f} Mpx/s"), TimeElapsedColumn())
+                                      TextColumn("windows  {task.fields[mpx]:.2f} Mpx/s"), TimeElapsedColumn(),
+                                      console=Console(stderr=True))
             self._progress.start()
         return self._make
 

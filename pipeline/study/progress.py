@@ -29,12 +29,13 @@ class StudyProgress:
     """`on_event` callback for `run_study` drawing rich progress bars; prints one line per finished run."""
 
     def __init__(self, steps: int, every_s: float = 0.5):
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.steps, self.every_s = steps, every_s
         self.bar = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=Console(stderr=True),
         )
         self.runs = self.bar.add_task("[bold]study", total=1, info="")
         self.run = self.bar.add_task("run", total=steps, info="")

@@ -12,6 +12,7 @@ class TrainProgressBar:
     def __init__(self, total: int, start: int, enabled: bool):
         self.bar = None
         if enabled:
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
@@ -20,6 +21,7 @@ class TrainProgressBar:
                 MofNCompleteColumn(),
                 TextColumn("loss {task.fields[loss]}  {task.fields[ips]} img/s  clip {task.fields[clip]}"),
                 TimeRemainingColumn(),
+                console=Console(stderr=True),  # stdout stays clean for what a command prints (JSON, paths)
             )
             self.task = self.bar.add_task("train", total=total, completed=start, loss="-", ips="-", clip="-")
             self.bar.start()

@@ -81,6 +81,31 @@ def test_block_edge_uses_the_tiling_edge_policy(tmp_path, monkeypatch):
     np.testing.assert_allclose(np.sort(block.detections.boxes, 0), [[80, 10, 84, 24], [80, 40, 90, 54]])
 
 
+def test_blocks_are_normalised_with_the_whole_scene_statistics(tmp_path, monkeypatch):
+    """A validation block is scored as `satdet predict` on its scene delivers it: scene normalisation measures
+    the whole scene once, not the block alone (whose stretch can differ a lot from the scene's)."""
+    from pipeline.evaluate.run import evaluate_scenes
+    from pipeline.predict import adapt
+
+    scene = write_scene(tmp_path / "s.tif", 160, 160, SQUARES)
+    tiles = _tiles_dir(tmp_path, scene, _labels(tmp_path))
+    measured = []
+    real_stats = adapt.scene_stats
+
+    def spy(path, bands, percentiles, max_pixels=200_000, region=None, **kwargs):
+        measured.append(region)
+        return real_stats(path, bands, percentiles, max_pixels, region=region, **kwargs)
+
+    monkeypatch.setattr(adapt, "scene_stats", spy)
+    detector = BrightSquareDetector(tile_size=64)
+    detector.info["stats"] = {"dtype": "uint8", "channels": 3, "percentiles": [1.0, 99.0], "low": [0.0] * 3,
+                              "high": [255.0] * 3, "mean": [128.0] * 3, "std": [64.0] * 3}
+    cfg = Config(classes=["tree", "car"], predict={"overlap": 16, "normalize": "scene"}, evaluate={"split": "test"})
+    [block] = evaluate_scenes(cfg, detector, tiles)
+    assert block.window == (80, 0, 80, 160)
+    assert measured == [None]  # one measurement, over the whole scene
+
+
 def test_nothing_to_evaluate_is_an_error(tmp_path, monkeypatch):
     from pipeline.evaluate.run import run_evaluation
 
