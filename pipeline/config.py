@@ -332,7 +332,7 @@ class PredictConfig(_Section):
     normalize: Literal["train", "scene"] = Field(
         "scene",
         description="Normalise each scene with its own per-band percentile statistics, measured on its valid "
-        "pixels (test-time adaptation to a new flight or site; measured best on and off the training site), "
+        "pixels (test-time adaptation to a new flight or site; measured best on a site the model never saw), "
         "or with the training statistics.",
     )
     adapt_bn: bool = Field(
