@@ -35,19 +35,18 @@ from pipeline.errors import SatdetError
 
 BACKBONES = ("mobilenet_v3_large", "mobilenet_v3_small", "resnet50", "tiny")
 NUM_STAGES = 4  # stages at strides 4, 8, 16, 32 after the stem
-# Strided depthwise blocks of MobileNetV3: the *input* of each of these padding layers is the last
-# (expanded) activation at strides 4, 8 and 16 (Large: 72/240/672 channels, Small: 72/96/288); the model
-# output is stride 32.
-_MOBILENET_TAPS = {
-    "mobilenet_v3_large": ("expanded_conv_3_depthwise_pad", "expanded_conv_6_depthwise_pad",
-                           "expanded_conv_12_depthwise_pad"),
-    "mobilenet_v3_small": ("expanded_conv_1_depthwise_pad", "expanded_conv_3_depthwise_pad",
-                           "expanded_conv_8_depthwise_pad"),
+# MobileNetV3 variants: the keras.applications class; its taps, the strided depthwise blocks whose padding
+# layers' *input* is the last (expanded) activation at strides 4, 8 and 16 (Large: 72/240/672 channels,
+# Small: 72/96/288; the model output is stride 32); and the first block of each stage (the blocks with
+# stride 2). Large: the stem conv and block 0 run at stride 2, blocks 1, 3, 6, 12 start the stages. Small:
+# block 0 itself has stride 2.
+_MOBILENETS = {
+    "mobilenet_v3_large": ("MobileNetV3Large", ("expanded_conv_3_depthwise_pad", "expanded_conv_6_depthwise_pad",
+                                                "expanded_conv_12_depthwise_pad"), (1, 3, 6, 12)),
+    "mobilenet_v3_small": ("MobileNetV3Small", ("expanded_conv_1_depthwise_pad", "expanded_conv_3_depthwise_pad",
+                                                "expanded_conv_8_depthwise_pad"), (0, 1, 3, 8)),
 }
 _RESNET_TAPS = ("conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out")
-# First block of each MobileNetV3 stage (the blocks with stride 2, outputs at strides 4-32). Large: the stem
-# conv and block 0 run at stride 2, blocks 1, 3, 6, 12 start the stages. Small: block 0 itself has stride 2.
-_MOBILENET_STAGE_STARTS = {"mobilenet_v3_large": (1, 3, 6, 12), "mobilenet_v3_small": (0, 1, 3, 8)}
 # ImageNet RGB mean/std as fractions of 255 (torchvision), and keras' 'caffe' mean in RGB order.
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -133,10 +132,9 @@ class PretrainedInput(keras.layers.Layer):
 
 def _application(name: str, bands: int, weights: str | None, input_tensor: Any = None) -> keras.Model:
     shape = (None, None, bands)
-    if name in _MOBILENET_TAPS:
+    if name in _MOBILENETS:
         # include_preprocessing=False: its x / 127.5 - 1 is folded into PretrainedInput for pretrained weights.
-        app = (keras.applications.MobileNetV3Large if name == "mobilenet_v3_large"
-               else keras.applications.MobileNetV3Small)
+        app = getattr(keras.applications, _MOBILENETS[name][0])
         return app(input_shape=shape, include_top=False, weights=weights, include_preprocessing=False,
                    input_tensor=input_tensor)
     return keras.applications.ResNet50(input_shape=shape, include_top=False, weights=weights,
@@ -144,8 +142,8 @@ def _application(name: str, bands: int, weights: str | None, input_tensor: Any =
 
 
 def _taps(name: str, app: keras.Model) -> list:
-    if name in _MOBILENET_TAPS:
-        return [app.get_layer(n).input for n in _MOBILENET_TAPS[name]] + [app.output]
+    if name in _MOBILENETS:
+        return [app.get_layer(n).input for n in _MOBILENETS[name][1]] + [app.output]
     return [app.get_layer(n).output for n in _RESNET_TAPS]
 
 
@@ -222,7 +220,7 @@ def stage_of(name: str, layer_name: str) -> int | None:
     if name == "resnet50":
         match = re.match(r"(?:conv|pool)(\d)_", layer_name)
         return int(match.group(1)) - 1 if match else None
-    if name in _MOBILENET_STAGE_STARTS:
+    if name in _MOBILENETS:
         if layer_name in ("conv", "conv_bn"):
             return 0
         if layer_name.startswith("conv_1"):
@@ -231,7 +229,7 @@ def stage_of(name: str, layer_name: str) -> int | None:
         block = int(match.group(1)) if match else 0 if layer_name.startswith("expanded_conv_") else None
         if block is None:  # block 0 has no index in its layer names
             return None
-        return sum(block >= start for start in _MOBILENET_STAGE_STARTS[name])
+        return sum(block >= start for start in _MOBILENETS[name][2])
     match = re.match(r"tiny_(?:stem|c(\d))", layer_name)
     return (int(match.group(1)) - 1 if match.group(1) else 0) if match else None
 
