@@ -269,6 +269,11 @@ class TrainConfig(_Section):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     clip: ClipConfig = Field(default_factory=ClipConfig)
+    ema_decay: float = Field(
+        0.0, ge=0, lt=1,
+        description="Exponential moving average of the weights (and BatchNorm statistics), validated and exported "
+        "instead of the last weights; the decay ramps up as min(ema_decay, (1+n)/(10+n)). 0 = off.",
+    )
     jit_compile: bool | None = Field(None, description="XLA; None = on with a GPU, off on CPU (XLA convs are slow there).")
     distribute: Literal["auto", "none", "mirrored"] = Field(
         "auto", description="'mirrored' = MirroredStrategy over all GPUs; 'auto' uses it when >1 GPU."

@@ -105,7 +105,7 @@ def config_fingerprint(config: Any, stats: dict[str, Any] | None = None) -> dict
     """The settings a run's checkpoints depend on, as a flat {dotted name: value} dict (JSON values).
 
     The `model` section except `HARMLESS_MODEL_KEYS`, the optimizer (`train.optimizer.name`), the clipping
-    strategy (and autoclip's history length, the shape of its saved state), the class list and, from
+    strategy (and autoclip's history length, the shape of its saved state), whether weights are averaged, the class list and, from
     tiles/stats.json, tile size, channels, band list and dtype. `train.steps`, learning rates, clip
     thresholds and the schedule may change on resume and are left out.
     """
@@ -113,6 +113,7 @@ def config_fingerprint(config: Any, stats: dict[str, Any] | None = None) -> dict
     fp: dict[str, Any] = {f"model.{k}": v for k, v in model.items() if k not in HARMLESS_MODEL_KEYS}
     fp["train.optimizer.name"] = config.train.optimizer.name
     fp["train.clip.strategy"] = config.train.clip.strategy
+    fp["train.ema"] = config.train.ema_decay > 0  # whether the checkpoints hold a weight average
     if config.train.clip.strategy == "autoclip":
         fp["train.clip.history"] = config.train.clip.history
     fp["classes"] = list(config.classes)

@@ -17,6 +17,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from pipeline.train.checkpoints import (
     save_best,
 )
 from pipeline.train.clipping import ClipStrategy, build_clipper
+from pipeline.train.ema import WeightAverage
 from pipeline.train.optim import build_optimizer
 from pipeline.train.progress import ThroughputWindow, TrainProgressBar
 from pipeline.train.schedule import BudgetFit, ScheduleLength, WarmupSchedule, build_schedule
@@ -76,7 +78,8 @@ def fit(
     with strategy.scope():
         parts = _build_parts(model, dataset_fn(0).element_spec, config, strategy, agc_exempt or [])
     ckpt = make_checkpoint(
-        model=model, optimizer=parts.optimizer, clip=parts.clipper, train_step=parts.step_fn, state=parts.state
+        model=model, optimizer=parts.optimizer, clip=parts.clipper, train_step=parts.step_fn, state=parts.state,
+        ema=parts.ema.state if parts.ema is not None else None,
     )
     manager = checkpoint_manager(ckpt, model_dir, config.train.keep_checkpoints)
     restored, end = _restore(ckpt, manager, parts.length, config, model_dir, resume, fingerprint)
@@ -101,6 +104,7 @@ class _Parts:
     clipper: ClipStrategy
     loss_scale: LossScale | None  # with mixed_float16 only
     step_fn: TrainStep
+    ema: WeightAverage | None  # with train.ema_decay only
 
 
 def _build_parts(
@@ -121,7 +125,8 @@ def _build_parts(
     loss_scale = LossScale() if config.model.mixed_precision == "mixed_float16" else None
     jit = bool(tcfg.jit_compile) if tcfg.jit_compile is not None else bool(tf.config.list_logical_devices("GPU"))
     step_fn = TrainStep(model, optimizer, clipper, strategy=strategy, loss_scale=loss_scale, jit_compile=jit)
-    return _Parts(state, length, schedule, optimizer, clipper, loss_scale, step_fn)
+    ema = WeightAverage(model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
+    return _Parts(state, length, schedule, optimizer, clipper, loss_scale, step_fn, ema)
 
 
 def _fits_budget(tcfg: TrainConfig) -> bool:
@@ -237,6 +242,8 @@ class _Run:
         """One step: advance the run state, count the images, watch for divergence."""
         images, targets, n_images = batches.next()
         self.out = self.parts.step_fn(images, targets)
+        if self.parts.ema is not None:
+            self.parts.ema.update()
         self.step += 1
         if self.step == self.start + 1:  # leave tracing/compilation out of the throughput numbers
             _ = self.out["loss"].numpy()
@@ -337,7 +344,12 @@ class _Run:
         return False
 
     def _evaluate(self, patience: int) -> bool:
-        """Score validation AP50, keep the best weights; True when early stopping should end the run."""
+        """Score validation AP50 (of the averaged weights with train.ema_decay), keep the best weights; True
+        when early stopping should end the run."""
+        with self.parts.ema.applied() if self.parts.ema is not None else nullcontext():
+            return self._score(patience)
+
+    def _score(self, patience: int) -> bool:
         state = self.parts.state
         ap50 = float(self.evaluate_fn(self.model))
         self.telemetry.log(self.step, {"val_ap50": ap50})
@@ -350,7 +362,8 @@ class _Run:
         return bool(patience) and int(state.evals_since_best.numpy()) >= patience
 
     def finish(self) -> None:
-        """Name a run that ended at its fitted length; validate (unless early stopping just did) and save."""
+        """Name a run that ended at its fitted length; validate (unless early stopping just did) and save; with
+        train.ema_decay the model then holds the averaged weights (the checkpoint keeps the trained ones)."""
         if self.stop_reason == "steps" and self.step < self.tcfg.steps:
             self.stop_reason = "fitted_to_budget"
         if self.evaluate_fn is not None and self.stop_reason != "early_stopping":
@@ -358,6 +371,8 @@ class _Run:
         latest = self.manager.latest_checkpoint
         if latest is None or not latest.endswith(f"-{self.step}"):
             self.manager.save(checkpoint_number=self.step)
+        if self.parts.ema is not None:
+            self.parts.ema.copy_to_model()
         self.telemetry.close()
 
     def summary(self, restored: str | None) -> dict[str, Any]:
