@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/predict.py --size 2048 --rss-size 0 --threads 2
     .venv/bin/python benchmarks/predict.py --config configs/neon-trees.yaml        # that config's model section
     .venv/bin/python benchmarks/predict.py --export runs/neon-trees/model/export   # a trained export
+    .venv/bin/python benchmarks/predict.py --export runs/neon-trees/model/export --tta   # with test-time flips
 
 MobileNetV3-Large FPN from scratch (untrained weights are fine for speed), 400 px windows, overlap 32,
 batch 4, through the exported SavedModel when pipeline.model.export is available (else the Keras model
@@ -94,6 +95,10 @@ def _child(args: argparse.Namespace) -> None:
         detector, kind = _detector(work, args.tile, args.config, args.export)
         cfg = PredictConfig(tile_size=args.tile, overlap=args.overlap, batch_size=args.batch,
                             score_threshold=args.score_threshold)
+        if args.tta:
+            from pipeline.predict.adapt import FlipTTA
+
+            detector, kind = FlipTTA(detector, cfg.merge_iou), kind + " + flips (4 views, WBF)"
         warm = np.zeros((args.batch, args.tile, args.tile, 3), np.uint8)
         detector.predict(warm)  # trace/compile outside the timed run
         t0 = time.perf_counter()
@@ -120,6 +125,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="TF intra/inter-op threads (0 = TF default).")
     p.add_argument("--config", help="Take the model section from this config (default: library defaults).")
     p.add_argument("--export", help="Benchmark this trained export instead of an untrained model.")
+    p.add_argument("--tta", action="store_true", help="Test-time flips (predict.tta): four views per window.")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -132,6 +138,7 @@ def main() -> None:
                "--score-threshold", str(args.score_threshold), "--threads", str(args.threads)]
         cmd += ["--config", args.config] if args.config else []
         cmd += ["--export", str(Path(args.export).resolve())] if args.export else []
+        cmd += ["--tta"] if args.tta else []
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if out.returncode != 0:
             raise SystemExit(f"benchmark child failed for size {size}:\n{out.stderr[-3000:]}")
@@ -141,7 +148,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "settings": {"model": args.export or args.config or "library defaults (MobileNetV3-Large FPN)", "tile": args.tile,
                      "overlap": args.overlap, "batch": args.batch, "score_threshold": args.score_threshold,
-                     "tf_threads": args.threads or "default"},
+                     "tf_threads": args.threads or "default", "tta": args.tta},
         "throughput": runs[0],
         "memory": runs[1:] and {"sizes": [r["scene_px"][0] for r in runs],
                                 "peak_rss_mb": [r["peak_rss_mb"] for r in runs]},

@@ -113,7 +113,8 @@ def config_fingerprint(config: Any, stats: dict[str, Any] | None = None) -> dict
     fp: dict[str, Any] = {f"model.{k}": v for k, v in model.items() if k not in HARMLESS_MODEL_KEYS}
     fp["train.optimizer.name"] = config.train.optimizer.name
     fp["train.clip.strategy"] = config.train.clip.strategy
-    fp["train.ema"] = config.train.ema_decay > 0  # whether the checkpoints hold a weight average
+    if config.train.ema_decay > 0:  # the checkpoints hold a weight average (absent: fingerprints of older runs match)
+        fp["train.ema"] = True
     if config.train.clip.strategy == "autoclip":
         fp["train.clip.history"] = config.train.clip.history
     fp["classes"] = list(config.classes)

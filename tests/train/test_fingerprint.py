@@ -81,3 +81,17 @@ def test_fit_refuses_a_resume_with_another_clipping_strategy_and_allows_more_ste
     assert summary["step"] == 6 and summary["resumed_from"].endswith("ckpt-4")
     assert any("resuming without checking" in r.getMessage() for r in caplog.records)
     assert (tmp_path / "checkpoints" / FINGERPRINT_FILE).is_file()  # written for the next resume
+
+
+def test_switching_weight_averaging_at_resume_is_named_and_its_decay_may_change(tmp_path):
+    cfg = tiny_config()
+    check_fingerprint(tmp_path, config_fingerprint(cfg, STATS), resuming=False)
+    assert "train.ema" not in json.loads((tmp_path / "checkpoints" / FINGERPRINT_FILE).read_text())  # as older runs
+    averaged = cfg.model_copy(deep=True)
+    averaged.train.ema_decay = 0.99
+    assert "train.ema: (unset) -> true" in _error(tmp_path, averaged)
+    check_fingerprint(tmp_path, config_fingerprint(averaged, STATS), resuming=False)
+    assert "train.ema: true -> (unset)" in _error(tmp_path, cfg)
+    other_decay = averaged.model_copy(deep=True)
+    other_decay.train.ema_decay = 0.999
+    check_fingerprint(tmp_path, config_fingerprint(other_decay, STATS), resuming=True)
