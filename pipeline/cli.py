@@ -297,7 +297,7 @@ def predict_cmd(
     """Detect objects in whole scenes with an exported model; write GeoJSON / GeoPackage with label, score, scene."""
     from pipeline.config import PredictConfig
 
-    base = load(config, set_).predict if config or set_ else PredictConfig()
+    base = load(config, set_).predict if config or set_ else _model_predict_settings(model_dir)
     if fmt is not None and fmt not in ("geojson", "gpkg"):
         raise SatdetError(f"--format {fmt!r}: use geojson or gpkg")
     updates = {k: v for k, v in {"score_threshold": score_threshold, "tile_size": tile, "overlap": overlap,
@@ -309,6 +309,21 @@ def predict_cmd(
 
     for path in predict_scenes(model_dir, list(scenes), out, cfg, fmt=fmt, per_scene=per_scene or None):
         typer.echo(path)
+
+
+def _model_predict_settings(model_dir: Path) -> Any:
+    """Without --config: the library defaults with the test-time settings the model was exported with
+    (a NEON model brings its flips), named on stderr when they differ from the library's."""
+    from pipeline.config import PredictConfig
+    from pipeline.predict.exported import stored_test_time_settings
+
+    stored = stored_test_time_settings(model_dir)
+    changed = {k: v for k, v in stored.items() if getattr(PredictConfig(), k) != v}
+    if changed:
+        shown = ", ".join(f"{k}={v}" for k, v in changed.items())
+        typer.echo(f"test-time settings from the model: {shown} (--config or --normalize/--[no-]adapt-bn/"
+                   "--[no-]tta override them)", err=True)
+    return PredictConfig.model_validate(stored)
 
 
 # --------------------------------------------------------------------------- orchestration (flows/)

@@ -9,7 +9,8 @@ Layout of an export directory::
     labels.json                  {"1": "tree", ...}
     model_info.json              {format, bands, channels, dtype, tile_size, classes, stats, model_config,
                                   max_detections, output_threshold: {score_threshold, precision, recall,
-                                  f1, iou, split, level} or null}
+                                  f1, iou, split, level} or null, predict: {normalize, adapt_bn, tta}
+                                  (the run's test-time settings, `satdet predict`'s defaults) or null}
 
 Normalisation (pipeline.data.stats.normalize) runs inside the signature, so callers pass source pixels.
 """
@@ -64,11 +65,12 @@ class _Serving(tf.Module):
 
 
 def export_model(model: Any, stats: dict[str, Any], classes: list[str], out_dir: Path, tile_size: int,
-                 calibration: dict[str, Any] | None = None) -> Path:
+                 calibration: dict[str, Any] | None = None, predict: dict[str, Any] | None = None) -> Path:
     """Write the export directory ``out_dir`` atomically (see the module docstring); returns it.
 
     ``calibration`` (pipeline.train.validation.output_threshold: the best-F1 score threshold on the
-    validation tiles) is stored as ``output_threshold``, the default of ``satdet predict``."""
+    validation tiles) is stored as ``output_threshold``, the default of ``satdet predict``; ``predict``
+    (``PredictConfig.test_time_settings()`` of the run) as ``predict``, its default test-time settings."""
     out_dir = Path(out_dir)
     if int(stats["channels"]) != model.bands:
         raise SatdetError(f"stats.json has {stats['channels']} channels but the model was built for {model.bands} bands")
@@ -84,6 +86,7 @@ def export_model(model: Any, stats: dict[str, Any], classes: list[str], out_dir:
         "model_config": model.cfg.model_dump(mode="json"),
         "max_detections": model.cfg.max_detections,
         "output_threshold": calibration,
+        "predict": predict,
     }
     with atomic_dir(out_dir) as tmp:
         tf.saved_model.save(module, str(tmp), signatures={"serve": module.serve})

@@ -8,6 +8,7 @@ error before TensorFlow is even imported.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,6 +38,16 @@ def resolve_export_dir(path: str | Path) -> Path:
         raise SatdetError(f"{path}: model folder not found; pass runs/<name>/model/export (or runs/<name>/model)")
     raise SatdetError(f"{path}: not a satdet model export (no model_info.json); pass the export/ folder written "
                       "by training (runs/<name>/model/export)")
+
+
+def stored_test_time_settings(path: str | Path) -> dict[str, Any]:
+    """The test-time settings (normalize, adapt_bn, tta) the export at `path` (or `path/export`) was written
+    with; {} for older exports, and where there is no export (loading it names that error)."""
+    for candidate in (Path(path), Path(path) / "export"):
+        if (candidate / "model_info.json").is_file():
+            stored = json.loads((candidate / "model_info.json").read_text()).get("predict") or {}
+            return {k: stored[k] for k in ("normalize", "adapt_bn", "tta") if k in stored}
+    return {}
 
 
 def load_detector(export_dir: str | Path) -> Detector:

@@ -19,7 +19,8 @@ from pipeline.train.fit import fit
 def run_training(config: Config, tiles_dir: Path, model_dir: Path, resume: bool = False) -> Path:
     """Train the detector on `tiles_dir` per `config.train`; returns `model_dir`, which then holds
     checkpoints/, tensorboard/, train_log.jsonl, best/ (when there is a val split), train_summary.json and
-    export/ (the best validation weights when validated, else the last ones)."""
+    export/ (the best validation weights when validated, else the last ones; with the run's test-time
+    settings, the defaults of `satdet predict` for it)."""
     from pipeline.data.dataset import build_dataset
     from pipeline.data.stats import load_stats
     from pipeline.data.tiles import tile_count
@@ -47,7 +48,7 @@ def run_training(config: Config, tiles_dir: Path, model_dir: Path, resume: bool 
         calibration = validation.output_threshold(model)
         summary["output_threshold"] = calibration
     export_model(model, stats, list(config.classes), model_dir / "export", int(stats["tile_size"]),
-                 calibration=calibration)
+                 calibration=calibration, predict=config.predict.test_time_settings())
     atomic_write_json(model_dir / "train_summary.json", summary)
     return model_dir
 

@@ -34,6 +34,7 @@ def test_export_writes_the_documented_files(exported):
     assert json.loads((out / "labels.json").read_text()) == {"1": "square", "2": "circle"}
     info = json.loads((out / "model_info.json").read_text())
     assert info["tile_size"] == 96 and info["classes"] == ["square", "circle"] and info["stats"] == STATS
+    assert info["predict"] is None  # no test-time settings given
     assert not list(out.parent.glob(".*tmp"))  # written atomically, no leftovers
 
 
@@ -64,3 +65,15 @@ def test_smaller_windows_are_padded_and_larger_ones_refused(exported):
 def test_a_directory_that_is_not_an_export_is_a_user_error(tmp_path):
     with pytest.raises(SatdetError, match="not a satdet model export"):
         load_exported(tmp_path)
+
+
+def test_export_stores_the_runs_test_time_settings(exported, tmp_path):
+    from pipeline.config import PredictConfig
+    from pipeline.predict.exported import stored_test_time_settings
+
+    model, _ = exported
+    settings = PredictConfig(tta=True, normalize="train").test_time_settings()
+    out = export_model(model, STATS, ["square", "circle"], tmp_path / "export", tile_size=96, predict=settings)
+    assert json.loads((out / "model_info.json").read_text())["predict"] == {
+        "normalize": "train", "adapt_bn": False, "tta": True}
+    assert stored_test_time_settings(tmp_path) == {"normalize": "train", "adapt_bn": False, "tta": True}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import geopandas as gpd
 from typer.testing import CliRunner
 
@@ -27,3 +29,33 @@ def test_predict_command_reports_a_non_export_in_one_line(tmp_path):
     result = CliRunner().invoke(app, ["predict", str(tmp_path), str(scene), "--out", str(tmp_path / "d.geojson")])
     assert result.exit_code == 2
     assert "not a satdet model export" in result.output
+
+
+def _capture_predict(monkeypatch) -> list:
+    from pipeline.predict import scene as scene_module
+
+    seen = []
+    monkeypatch.setattr(scene_module, "predict_scenes", lambda model, scenes, out, cfg, **kw: seen.append(cfg) or [])
+    return seen
+
+
+def test_predict_starts_from_the_test_time_settings_stored_with_the_model(tmp_path, monkeypatch):
+    (tmp_path / "export").mkdir()
+    info = {"classes": ["tree"], "predict": {"normalize": "train", "adapt_bn": False, "tta": True}}
+    (tmp_path / "export" / "model_info.json").write_text(json.dumps(info))
+    seen = _capture_predict(monkeypatch)
+    args = ["predict", str(tmp_path), str(tmp_path / "s.tif"), "--out", str(tmp_path / "d.geojson")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert seen[-1].tta is True and seen[-1].normalize == "train"
+    assert "test-time settings from the model: normalize=train, tta=True" in result.output
+    assert CliRunner().invoke(app, [*args, "--no-tta", "--normalize", "scene"]).exit_code == 0
+    assert seen[-1].tta is False and seen[-1].normalize == "scene"  # flags win
+    config = tmp_path / "c.yaml"
+    config.write_text("predict:\n  overlap: 32\n")
+    assert CliRunner().invoke(app, [*args, "--config", str(config)]).exit_code == 0
+    assert seen[-1].tta is False and seen[-1].overlap == 32  # a config's predict section replaces them
+    info.pop("predict")  # an export written before the settings were stored: library defaults
+    (tmp_path / "export" / "model_info.json").write_text(json.dumps(info))
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert seen[-1].tta is False and seen[-1].normalize == "scene"
