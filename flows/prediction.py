@@ -23,6 +23,7 @@ from flows.retries import io_retries
 from flows.scaleout import on_dask
 from pipeline.config import Config, PredictConfig
 from pipeline.errors import SatdetError
+from pipeline.predict.exported import stored_test_time_settings
 from pipeline.tf_quiet import import_tensorflow
 
 
@@ -102,12 +103,14 @@ def predict_scenes(
         model_dir: a run's model/ folder or its export/ folder.
         scenes: raster paths (or GDAL URLs) to predict.
         out: output folder (one file per scene) or a .geojson/.gpkg file (all scenes in one file).
-        predict: the `predict:` config section as a dict (defaults when omitted).
+        predict: the `predict:` config section as a dict (omitted: the defaults with the test-time settings
+            stored with the model, as `satdet predict` without --config).
         force: re-predict scenes even when a cached result matches.
     """
     logger = get_run_logger()
     export_dir = _export_dir(Path(model_dir).resolve())
-    config = Config(predict=PredictConfig.model_validate(predict or {}))
+    settings = predict if predict is not None else stored_test_time_settings(export_dir)
+    config = Config(predict=PredictConfig.model_validate(settings))
     out_path = Path(out).resolve()
     paths = [Path(s) if "://" in s or s.startswith("/vsi") else Path(s).resolve() for s in scenes]
     # One output file holds every scene, so it is written by one task; an output folder gets one task

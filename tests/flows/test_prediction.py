@@ -127,3 +127,22 @@ def test_cli_reports_missing_model_in_one_line(prefect_api, rasters, tmp_path, c
     assert result.exit_code == 2
     assert "no exported model here" in result.output
     assert calls == []
+
+
+def test_without_predict_settings_the_flow_uses_those_stored_with_the_model(prefect_api, model_dir, rasters, tmp_path,
+                                                                             monkeypatch):
+    info = {"classes": ["tree"], "tile_size": 64, "predict": {"normalize": "train", "adapt_bn": False, "tta": True}}
+    (model_dir / "export" / "model_info.json").write_text(json.dumps(info))
+    seen = []
+
+    def fake(export_dir, scenes, out, cfg, **kwargs):
+        seen.append(cfg)
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text("{}")
+        return [out]
+
+    monkeypatch.setattr(scene_stage, "predict_scenes", fake)
+    predict_scenes(str(model_dir), [str(rasters[0])], str(tmp_path / "p" / "all.geojson"))
+    assert seen[-1].tta is True and seen[-1].normalize == "train"
+    predict_scenes(str(model_dir), [str(rasters[0])], str(tmp_path / "q" / "all.geojson"), predict={"overlap": 8})
+    assert seen[-1].tta is False and seen[-1].normalize == "scene"  # given settings replace the stored ones
