@@ -44,8 +44,12 @@ def stored_test_time_settings(path: str | Path) -> dict[str, Any]:
     """The test-time settings (normalize, adapt_bn, tta) the export at `path` (or `path/export`) was written
     with; {} for older exports, and where there is no export (loading it names that error)."""
     for candidate in (Path(path), Path(path) / "export"):
-        if (candidate / "model_info.json").is_file():
-            stored = json.loads((candidate / "model_info.json").read_text()).get("predict") or {}
+        info_path = candidate / "model_info.json"
+        if info_path.is_file():
+            try:
+                stored = json.loads(info_path.read_text()).get("predict") or {}
+            except (ValueError, AttributeError):
+                raise SatdetError(f"{info_path}: not a JSON object; re-export the model (satdet train)") from None
             return {k: stored[k] for k in ("normalize", "adapt_bn", "tta") if k in stored}
     return {}
 

@@ -59,3 +59,11 @@ def test_predict_starts_from_the_test_time_settings_stored_with_the_model(tmp_pa
     (tmp_path / "export" / "model_info.json").write_text(json.dumps(info))
     assert CliRunner().invoke(app, args).exit_code == 0
     assert seen[-1].tta is False and seen[-1].normalize == "scene"
+
+
+def test_predict_names_a_broken_model_info_in_one_line(tmp_path):
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "model_info.json").write_text("{not json")
+    result = CliRunner().invoke(app, ["predict", str(tmp_path), str(tmp_path / "s.tif"), "--out", str(tmp_path / "d.geojson")])
+    assert result.exit_code == 2 and "model_info.json: not a JSON object" in result.output
+    assert "Traceback" not in result.output
