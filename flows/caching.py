@@ -49,7 +49,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "merge-row-blocks": ("tiling",),
     "finalize-tiling": ("tiling",),
     "build-dataset": ("data", "tiling", "train.eval_every", "train.early_stopping_patience", "evaluate.split"),
-    "train": ("data", "model", "train", "tiling", "evaluate.max_dets"),
+    "train": ("data", "model", "train", "tiling", "evaluate.max_dets",
+              "predict.normalize", "predict.adapt_bn", "predict.tta"),  # stored with the export
     "evaluate": ("evaluate", "predict", "tiling", "data"),
     "predict-scenes": ("predict",),
 }

@@ -345,10 +345,6 @@ class PredictConfig(_Section):
     )
     tta: bool = Field(False, description="Test-time flips (4 views per window) fused by weighted box fusion.")
 
-    def test_time_settings(self) -> dict[str, Any]:
-        """normalize / adapt_bn / tta: stored with an exported model as the defaults of `satdet predict` for it."""
-        return {"normalize": self.normalize, "adapt_bn": self.adapt_bn, "tta": self.tta}
-
 
 # --------------------------------------------------------------------------------------------- root
 class Config(_Section):

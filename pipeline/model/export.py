@@ -70,7 +70,7 @@ def export_model(model: Any, stats: dict[str, Any], classes: list[str], out_dir:
 
     ``calibration`` (pipeline.train.validation.output_threshold: the best-F1 score threshold on the
     validation tiles) is stored as ``output_threshold``, the default of ``satdet predict``; ``predict``
-    (``PredictConfig.test_time_settings()`` of the run) as ``predict``, its default test-time settings."""
+    (the run's ``predict.normalize``, ``adapt_bn`` and ``tta``) as ``predict``, its default test-time settings."""
     out_dir = Path(out_dir)
     if int(stats["channels"]) != model.bands:
         raise SatdetError(f"stats.json has {stats['channels']} channels but the model was built for {model.bands} bands")

@@ -47,8 +47,10 @@ def run_training(config: Config, tiles_dir: Path, model_dir: Path, resume: bool 
         load_best(model, model_dir)  # export the best validation weights, not just the last ones
         calibration = validation.output_threshold(model)
         summary["output_threshold"] = calibration
+    # stored with the export as the defaults of `satdet predict` for this model
+    test_time = {"normalize": config.predict.normalize, "adapt_bn": config.predict.adapt_bn, "tta": config.predict.tta}
     export_model(model, stats, list(config.classes), model_dir / "export", int(stats["tile_size"]),
-                 calibration=calibration, predict=config.predict.test_time_settings())
+                 calibration=calibration, predict=test_time)
     atomic_write_json(model_dir / "train_summary.json", summary)
     return model_dir
 

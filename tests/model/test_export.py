@@ -68,11 +68,10 @@ def test_a_directory_that_is_not_an_export_is_a_user_error(tmp_path):
 
 
 def test_export_stores_the_runs_test_time_settings(exported, tmp_path):
-    from pipeline.config import PredictConfig
     from pipeline.predict.exported import stored_test_time_settings
 
     model, _ = exported
-    settings = PredictConfig(tta=True, normalize="train").test_time_settings()
+    settings = {"normalize": "train", "adapt_bn": False, "tta": True}
     out = export_model(model, STATS, ["square", "circle"], tmp_path / "export", tile_size=96, predict=settings)
     assert json.loads((out / "model_info.json").read_text())["predict"] == {
         "normalize": "train", "adapt_bn": False, "tta": True}
