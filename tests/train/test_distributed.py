@@ -26,6 +26,7 @@ from pipeline.config import ClipConfig, OptimizerConfig
 from pipeline.train.clipping import build_clipper
 from pipeline.train.step import TrainStep
 from pipeline.train.optim import build_optimizer
+from pipeline.train.ema import WeightAverage
 
 opt_cfg = OptimizerConfig(name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=1e-3)
 images, targets = synthetic_arrays(16, seed=3)
@@ -36,20 +37,23 @@ def run(strategy, clip_cfg):
         model = build_model(0)
         opt = build_optimizer(opt_cfg, 0.1)
         step = TrainStep(model, opt, build_clipper(clip_cfg), strategy=strategy)
+        ema = WeightAverage(model, 0.5)  # weight averaging, updated after each step as fit does
     data = strategy.experimental_distribute_dataset(ds) if strategy.num_replicas_in_sync > 1 else ds
     outs = []
     for x, y in data:
         out = step(x, y)
+        ema.update()
         outs.append({k: float(v) for k, v in out.items()})
-    return [v.numpy() for v in model.trainable_variables], outs, int(opt.iterations.numpy())
+    averages = [a.numpy() for a in ema.state.averages]
+    return [v.numpy() for v in model.trainable_variables], outs, int(opt.iterations.numpy()), averages
 
 mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 assert mirrored.num_replicas_in_sync == 2
 results = {}
 for name in sys.argv[2].split(","):
   clip_cfg = ClipConfig(strategy=name, clip_norm=0.05, agc_lambda=0.001, warmup_steps=1, z_threshold=0.5)
-  w2, o2, it2 = run(mirrored, clip_cfg)
-  w1, o1, it1 = run(tf.distribute.get_strategy(), clip_cfg)
+  w2, o2, it2, a2 = run(mirrored, clip_cfg)
+  w1, o1, it1, a1 = run(tf.distribute.get_strategy(), clip_cfg)
   results[name] = {
     "max_weight_diff": max(float(np.abs(a - b).max()) for a, b in zip(w1, w2)),
     "max_weight_change": max(float(np.abs(a).max()) for a in w1),
@@ -58,6 +62,8 @@ for name in sys.argv[2].split(","):
     "clipped": [[a["clipped"], b["clipped"]] for a, b in zip(o1, o2)],
     "losses": [[a["loss"], b["loss"]] for a, b in zip(o1, o2)],
     "iterations": [it1, it2],
+    "max_average_diff": max(float(np.abs(a - b).max()) for a, b in zip(a1, a2)),
+    "averages_differ_from_weights": any(not np.allclose(a, w) for a, w in zip(a1, w1)),
   }
 
 # ---- the real detector (BN backbone): what the clipper sees is the mean of the replicas' gradients, and a
@@ -186,6 +192,8 @@ def test_mirrored_step_clips_the_reduced_gradient_like_a_single_device_step(resu
         assert all(a for a, _ in res["clipped"])
     assert [a for a, _ in res["clipped"]] == [b for _, b in res["clipped"]]
     assert res["max_weight_diff"] < 1e-6
+    # the weight average (train.ema_decay) under the strategy equals the single-device one
+    assert res["max_average_diff"] < 1e-6 and res["averages_differ_from_weights"]
 
 
 def test_real_detector_under_mirrored_strategy_clips_the_all_reduced_gradient(results):
