@@ -317,13 +317,13 @@ def _model_predict_settings(model_dir: Path) -> Any:
     from pipeline.config import PredictConfig
     from pipeline.predict.exported import stored_test_time_settings
 
-    stored = stored_test_time_settings(model_dir)
-    changed = {k: v for k, v in stored.items() if getattr(PredictConfig(), k) != v}
+    defaults, stored = PredictConfig(), stored_test_time_settings(model_dir)
+    changed = {k: v for k, v in stored.items() if getattr(defaults, k) != v}
     if changed:
         shown = ", ".join(f"{k}={v}" for k, v in changed.items())
         typer.echo(f"test-time settings from the model: {shown} (--config or --normalize/--[no-]adapt-bn/"
                    "--[no-]tta override them)", err=True)
-    return PredictConfig.model_validate(stored)
+    return PredictConfig.model_validate(stored)  # validated: the file may have been edited
 
 
 # --------------------------------------------------------------------------- orchestration (flows/)

@@ -28,12 +28,20 @@ class Detector(Protocol):
     def predict(self, images: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
+TEST_TIME_KEYS = ("normalize", "adapt_bn", "tta")  # the predict settings an export stores for itself
+
+
+def _find_export_dir(path: Path) -> Path | None:
+    """`path` or `path/export`, whichever holds model_info.json; None when neither does."""
+    return next((c for c in (path, path / "export") if (c / "model_info.json").is_file()), None)
+
+
 def resolve_export_dir(path: str | Path) -> Path:
     """Accept an export folder or a model folder holding `export/`; anything else is a SatdetError."""
     path = Path(path)
-    for candidate in (path, path / "export"):
-        if (candidate / "model_info.json").is_file():
-            return candidate
+    found = _find_export_dir(path)
+    if found is not None:
+        return found
     if not path.exists():
         raise SatdetError(f"{path}: model folder not found; pass runs/<name>/model/export (or runs/<name>/model)")
     raise SatdetError(f"{path}: not a satdet model export (no model_info.json); pass the export/ folder written "
@@ -43,15 +51,15 @@ def resolve_export_dir(path: str | Path) -> Path:
 def stored_test_time_settings(path: str | Path) -> dict[str, Any]:
     """The test-time settings (normalize, adapt_bn, tta) the export at `path` (or `path/export`) was written
     with; {} for older exports, and where there is no export (loading it names that error)."""
-    for candidate in (Path(path), Path(path) / "export"):
-        info_path = candidate / "model_info.json"
-        if info_path.is_file():
-            try:
-                stored = json.loads(info_path.read_text()).get("predict") or {}
-            except (ValueError, AttributeError):
-                raise SatdetError(f"{info_path}: not a JSON object; re-export the model (satdet train)") from None
-            return {k: stored[k] for k in ("normalize", "adapt_bn", "tta") if k in stored}
-    return {}
+    found = _find_export_dir(Path(path))
+    if found is None:
+        return {}
+    info_path = found / "model_info.json"
+    try:
+        stored = json.loads(info_path.read_text()).get("predict") or {}
+    except (ValueError, AttributeError):
+        raise SatdetError(f"{info_path}: not a JSON object; re-export the model (satdet train)") from None
+    return {k: stored[k] for k in TEST_TIME_KEYS if k in stored}
 
 
 def load_detector(export_dir: str | Path) -> Detector:
