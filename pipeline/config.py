@@ -181,6 +181,11 @@ class ModelConfig(_Section):
     roi_batch_per_image: int = Field(512, description="ROIs sampled per image for the box head.")
     roi_positive_fraction: float = Field(0.25, description="Max positive fraction of sampled ROIs.")
     roi_fg_iou: float = Field(0.5, description="ROI is foreground at IoU >= this.")
+    roi_box_loss: Literal["smooth_l1", "giou"] = Field(
+        "smooth_l1",
+        description="Box head regression loss: smooth-L1 of the box deltas (torchvision) or 10 x (1 - GIoU) of the "
+        "decoded box (mmdetection's GIoU Faster R-CNN). The RPN keeps smooth-L1.",
+    )
     roi_size: int = Field(7, description="ROIAlign output size.")
     roi_sampling_ratio: int = Field(2, ge=1, description="ROIAlign bilinear samples per bin side (torchvision: 2).")
     roi_align_impl: Literal["auto", "crop_and_resize", "gather"] = Field(

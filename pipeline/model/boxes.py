@@ -45,6 +45,20 @@ def pairwise_iou(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
     return tf.math.divide_no_nan(inter, union)
 
 
+def generalized_iou(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """Element-wise GIoU of matching boxes ``a``, ``b`` [..., 4] (Rezatofighi et al. 2019): IoU minus the
+    fraction of the smallest enclosing box that neither covers. In [-1, 1]; differentiable in ``a``."""
+    a = tf.cast(a, tf.float32)
+    b = tf.cast(b, tf.float32)
+    iw = tf.maximum(tf.minimum(a[..., 2], b[..., 2]) - tf.maximum(a[..., 0], b[..., 0]), 0.0)
+    ih = tf.maximum(tf.minimum(a[..., 3], b[..., 3]) - tf.maximum(a[..., 1], b[..., 1]), 0.0)
+    inter = iw * ih
+    union = area(a) + area(b) - inter
+    hull = (tf.maximum(a[..., 2], b[..., 2]) - tf.minimum(a[..., 0], b[..., 0])) * (
+        tf.maximum(a[..., 3], b[..., 3]) - tf.minimum(a[..., 1], b[..., 1]))
+    return tf.math.divide_no_nan(inter, union) - tf.math.divide_no_nan(hull - union, hull)
+
+
 def clip_boxes(boxes: tf.Tensor, height: float | tf.Tensor, width: float | tf.Tensor) -> tf.Tensor:
     """Clip xyxy boxes to the image ``[0, width] x [0, height]``."""
     x0, y0, x1, y1 = tf.unstack(boxes, axis=-1)

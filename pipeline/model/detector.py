@@ -152,7 +152,7 @@ class FasterRCNN(keras.Model):
         rois = sample_rois(proposals, valid, gt_boxes, gt_labels, num_boxes, cfg.roi_batch_per_image,
                            cfg.roi_positive_fraction, cfg.roi_fg_iou, self.seed_generator)
         cls_logits, box_deltas = self.box_head(self._roi_features(features, rois["boxes"]))
-        roi_cls, roi_box = roi_loss(cls_logits, box_deltas, rois, self.roi_coder)
+        roi_cls, roi_box = roi_loss(cls_logits, box_deltas, rois, self.roi_coder, cfg.roi_box_loss)
         return dict(zip(LOSS_NAMES, (rpn_obj, rpn_box, roi_cls, roi_box), strict=True))
 
     # ----------------------------------------------------------------------------------- inference

@@ -18,13 +18,15 @@ import math
 import keras
 import tensorflow as tf
 
-from pipeline.model.boxes import BoxCoder
+from pipeline.model.boxes import BoxCoder, generalized_iou
 from pipeline.model.losses import masked_sum, smooth_l1, softmax_cross_entropy
 from pipeline.model.padding import pad_rows
 from pipeline.model.rpn import gt_valid_mask, masked_iou, sample_balanced
 
 CANONICAL_SCALE = 224.0
 CANONICAL_LEVEL = 4
+# mmdetection's weight of the GIoU box loss in Faster R-CNN (its smooth-L1 / L1 weight is 1).
+GIOU_LOSS_WEIGHT = 10.0
 
 
 def assign_levels(boxes: tf.Tensor, min_level: int, max_level: int) -> tf.Tensor:
@@ -202,16 +204,27 @@ class BoxHead(keras.layers.Layer):
 
 
 def roi_loss(
-    logits: tf.Tensor, deltas: tf.Tensor, rois: dict[str, tf.Tensor], coder: BoxCoder
+    logits: tf.Tensor, deltas: tf.Tensor, rois: dict[str, tf.Tensor], coder: BoxCoder, box_loss: str = "smooth_l1"
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Classification CE (mean over sampled ROIs) and box smooth-L1 of the true class (sum over positives
-    divided by the number of sampled ROIs), as torchvision's fastrcnn_loss."""
+    """Classification CE (mean over sampled ROIs) and the box loss of the true class (sum over positives
+    divided by the number of sampled ROIs), as torchvision's fastrcnn_loss.
+
+    ``box_loss``: ``smooth_l1`` on the encoded deltas (torchvision), or ``giou``: GIOU_LOSS_WEIGHT x (1 - GIoU)
+    of the decoded box and its GT (mmdetection's GIoU Faster R-CNN), which weighs every box edge by the
+    overlap it costs instead of by its delta.
+    """
     valid = rois["valid"]
     labels = rois["labels"]
     count = tf.maximum(tf.reduce_sum(tf.cast(valid, tf.float32)), 1.0)
     cls = masked_sum(softmax_cross_entropy(logits, tf.maximum(labels, 0)), valid) / count
     positive = valid & (labels > 0)
     class_deltas = tf.gather(deltas, tf.maximum(labels - 1, 0), batch_dims=2)  # [B, S, 4]
+    if box_loss == "giou":
+        boxes = coder.decode(rois["boxes"], class_deltas)
+        per_roi = GIOU_LOSS_WEIGHT * (1.0 - generalized_iou(boxes, tf.stop_gradient(rois["matched"])))
+        return cls, masked_sum(per_roi, positive) / count
+    if box_loss != "smooth_l1":
+        raise ValueError(f"unknown box loss {box_loss!r}")
     targets = tf.stop_gradient(coder.encode(rois["boxes"], rois["matched"]))
     box = masked_sum(smooth_l1(class_deltas - targets), positive) / count
     return cls, box
