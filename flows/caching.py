@@ -50,7 +50,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "finalize-tiling": ("tiling",),
     "build-dataset": ("data", "tiling", "train.eval_every", "train.early_stopping_patience", "evaluate.split"),
     "train": ("data", "model", "train", "tiling", "evaluate.max_dets",
-              "predict.normalize", "predict.adapt_bn", "predict.tta"),  # stored with the export
+              "predict"),  # test-time settings stored with the export; the threshold calibrated with them
     "evaluate": ("evaluate", "predict", "tiling", "data"),
     "predict-scenes": ("predict",),
 }

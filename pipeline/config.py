@@ -279,6 +279,13 @@ class TrainConfig(_Section):
         description="Exponential moving average of the weights (and BatchNorm statistics), validated and exported "
         "instead of the last weights; the decay ramps up as min(ema_decay, (1+n)/(10+n)). 0 = off.",
     )
+    output_min_precision: float | None = Field(
+        0.5, gt=0, le=1,
+        description="How the output threshold stored with the model (the default of `satdet predict`) is chosen on "
+        "the validation blocks, predicted as `satdet predict` delivers them: the threshold with the most recall "
+        "at precision (IoU 0.5) >= this value. null = the threshold that maximises F1. Scores fall on sites the "
+        "model never saw, so a best-F1 threshold keeps few detections there (docs/predict.md).",
+    )
     jit_compile: bool | None = Field(None, description="XLA; None = on with a GPU, off on CPU (XLA convs are slow there).")
     distribute: Literal["auto", "none", "mirrored"] = Field(
         "auto", description="'mirrored' = MirroredStrategy over all GPUs; 'auto' uses it when >1 GPU."
@@ -326,8 +333,8 @@ class PredictConfig(_Section):
     batch_size: int = Field(4, gt=0, description="Windows per inference batch.")
     score_threshold: float | None = Field(
         None, ge=0, le=1,
-        description="Detections below this score are not written. null = the model's own: the best-F1 threshold "
-        "on its validation tiles stored in the export (0.3 for exports without one).",
+        description="Detections below this score are not written. null = the model's own, calibrated on its "
+        "validation blocks and stored in the export (train.output_min_precision; 0.3 for exports without one).",
     )
     merge: Literal["nms", "wbf"] = Field("nms", description="How boxes are merged across window seams.")
     merge_iou: float = Field(0.5, gt=0, le=1, description="IoU for the seam merge.")

@@ -137,46 +137,74 @@ def _prf_at_best_f1(evaluator: Any, t: int, n_images: int, n_classes: int) -> di
             tps.append(e["dtMatches"][t][keep] > 0)
     s = np.concatenate(scores) if scores else np.zeros(0)
     tp = np.concatenate(tps) if tps else np.zeros(0, bool)
+    order = np.argsort(-s, kind="mergesort")
+    return operating_point(s[order], tp[order], n_gt)
+
+
+def operating_point(scores: np.ndarray, tp: np.ndarray, n_gt: int, min_precision: float | None = None
+                    ) -> dict[str, float] | None:
+    """P/R/F1 at one score threshold of a ranked list (`scores` descending, `tp` whether each detection is
+    a true positive, as `ranked_matches` gives): the threshold that maximises F1, or with `min_precision`
+    the one with the most recall at precision >= it (None when no threshold reaches it)."""
     if n_gt == 0:
         return {"precision": -1.0, "recall": -1.0, "f1": -1.0, "score_threshold": -1.0,
-                "tp": 0, "fp": len(s), "fn": 0}
-    if len(s) == 0:
-        return {"precision": 0.0, "recall": 0.0, "f1": 0.0, "score_threshold": -1.0, "tp": 0, "fp": 0, "fn": n_gt}
-    order = np.argsort(-s, kind="mergesort")
-    s, tp = s[order], tp[order]
+                "tp": 0, "fp": len(scores), "fn": 0}
+    if len(scores) == 0:
+        return None if min_precision is not None else {
+            "precision": 0.0, "recall": 0.0, "f1": 0.0, "score_threshold": -1.0, "tp": 0, "fp": 0, "fn": n_gt}
     ctp = np.cumsum(tp)
     cfp = np.cumsum(~tp)
     # Only cut between distinct scores: a threshold keeps every detection with score >= it.
-    last = np.r_[s[1:] != s[:-1], True]
+    last = np.r_[scores[1:] != scores[:-1], True]
     prec = ctp / (ctp + cfp)
     rec = ctp / n_gt
     f1 = np.where(prec + rec > 0, 2 * prec * rec / np.maximum(prec + rec, 1e-12), 0.0)
-    f1 = np.where(last, f1, -1.0)
-    b = int(np.argmax(f1))
+    if min_precision is None:
+        b = int(np.argmax(np.where(last, f1, -1.0)))
+    else:
+        ok = np.flatnonzero(last & (prec >= min_precision) & (ctp > 0))
+        if not len(ok):
+            return None
+        b = int(ok[-1])  # recall only grows down the list: the last cut that keeps the precision
     return {"precision": float(prec[b]), "recall": float(rec[b]), "f1": float(max(f1[b], 0.0)),
-            "score_threshold": float(s[b]), "tp": int(ctp[b]), "fp": int(cfp[b]), "fn": int(n_gt - ctp[b])}
+            "score_threshold": float(scores[b]), "tp": int(ctp[b]), "fp": int(cfp[b]), "fn": int(n_gt - ctp[b])}
+
+
+def ranked_matches(gt: list[ImageBoxes], det: list[ImageDetections], iou: float = 0.5
+                   ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Every detection, pooled over images and classes by descending score, with whether it is a true
+    positive at `iou`, and the number of ground-truth boxes. Matching is pycocotools': per image, in
+    descending score order, each detection takes the best-overlapping unmatched ground truth of its class.
+    A detection's match depends only on those scoring above it, so cutting this one list at a threshold
+    gives the matches of that threshold."""
+    scores, tps = [], []
+    for g, d in zip(gt, det):
+        order = np.argsort(-d.scores, kind="stable")
+        boxes, labels = d.boxes[order], d.labels[order]
+        taken = np.zeros(len(g.boxes), bool)
+        ious = iou_matrix(boxes, g.boxes) if len(boxes) and len(g.boxes) else np.zeros((len(boxes), 0))
+        hit = np.zeros(len(order), bool)
+        for i in range(len(order)):
+            cand = np.where((~taken) & (g.labels == labels[i]), ious[i], -1.0) if ious.shape[1] else ious[i]
+            j = int(np.argmax(cand)) if len(cand) else -1
+            if j >= 0 and cand[j] >= iou:
+                taken[j] = hit[i] = True
+        scores.append(d.scores[order])
+        tps.append(hit)
+    s = np.concatenate(scores) if scores else np.zeros(0)
+    tp = np.concatenate(tps) if tps else np.zeros(0, bool)
+    order = np.argsort(-s, kind="mergesort")
+    return s[order], tp[order], sum(len(g.boxes) for g in gt)
 
 
 def prf_at_threshold(gt: list[ImageBoxes], det: list[ImageDetections], threshold: float, iou: float = 0.5
                      ) -> dict[str, float]:
-    """Precision / recall / F1 of the detections scoring >= `threshold` (all classes, class-aware greedy
-    matching by descending score, as pycocotools: each ground truth matched at most once at IoU >= `iou`).
-    Precision is -1 when nothing passes the threshold, recall -1 when there is no ground truth."""
-    tp = fp = 0
-    n_gt = sum(len(g.boxes) for g in gt)
-    for g, d in zip(gt, det):
-        keep = d.scores >= threshold
-        boxes, labels, scores = d.boxes[keep], d.labels[keep], d.scores[keep]
-        taken = np.zeros(len(g.boxes), bool)
-        ious = iou_matrix(boxes, g.boxes) if len(boxes) and len(g.boxes) else np.zeros((len(boxes), 0))
-        for i in np.argsort(-scores, kind="stable"):
-            cand = np.where((~taken) & (g.labels == labels[i]), ious[i], -1.0) if ious.shape[1] else ious[i]
-            j = int(np.argmax(cand)) if len(cand) else -1
-            if j >= 0 and cand[j] >= iou:
-                taken[j] = True
-                tp += 1
-            else:
-                fp += 1
+    """Precision / recall / F1 of the detections scoring >= `threshold` (all classes, matched as
+    `ranked_matches`). Precision is -1 when nothing passes the threshold, recall -1 when there is no
+    ground truth."""
+    scores, hit, n_gt = ranked_matches(gt, det, iou)
+    kept = hit[scores >= threshold]
+    tp, fp = int(kept.sum()), int(len(kept) - kept.sum())
     precision = tp / (tp + fp) if tp + fp else -1.0
     recall = tp / n_gt if n_gt else -1.0
     f1 = 2 * precision * recall / (precision + recall) if precision > 0 and recall > 0 else 0.0

@@ -20,9 +20,7 @@ Outputs in `out_dir`: metrics.json, report.md, pr_curve.png, examples.png, detec
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,32 +28,11 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.errors import SatdetError
+from pipeline.evaluate.blocks import BlockResult, block_boxes, load_splits, predict_blocks
 from pipeline.evaluate.metrics import ImageBoxes, ImageDetections, coco_metrics, prf_at_threshold
 from pipeline.files import atomic_write_json
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class BlockResult:
-    """One evaluated block: its scene, window, ground truth and detections in scene pixels."""
-
-    scene: str
-    image: str
-    window: tuple[int, int, int, int]
-    gt_boxes: np.ndarray
-    gt_labels: np.ndarray
-    detections: Any  # pipeline.predict.scene.SceneDetections
-
-
-def _load_splits(tiles_dir: Path) -> dict[str, Any]:
-    path = tiles_dir / "splits.json"
-    if not path.is_file():
-        raise SatdetError(f"{path}: not found; run the tiling stage first (satdet tile CONFIG)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise SatdetError(f"{path}: not valid JSON; re-run the tiling stage") from None
 
 
 def evaluate_scenes(config: Config, detector: Any, tiles_dir: Path) -> list[BlockResult]:
@@ -64,7 +41,7 @@ def evaluate_scenes(config: Config, detector: Any, tiles_dir: Path) -> list[Bloc
     split = config.evaluate.split
     results: list[BlockResult] = []
     if not config.evaluate.only_scenes:
-        for entry in _load_splits(tiles_dir).get("scenes", []):
+        for entry in load_splits(tiles_dir).get("scenes", []):
             blocks = [b for b in entry.get("blocks", []) if b.get("split") == split]
             if not blocks:
                 continue
@@ -72,60 +49,19 @@ def evaluate_scenes(config: Config, detector: Any, tiles_dir: Path) -> list[Bloc
                 log.warning("scene %s has no labels; skipped in scene-level evaluation", entry.get("scene"))
                 continue
             windows = [tuple(int(v) for v in block["window"]) for block in blocks]
-            results += _evaluate_scene(config, detector, entry["scene"], entry["image"], entry["labels"], windows)
+            results += predict_blocks(config, detector, entry["scene"], entry["image"], entry["labels"], windows)
     for scene in config.evaluate.scenes:
         image, labels = str(scene.image), str(scene.labels)
-        results += _evaluate_scene(config, detector, Path(image).stem, image, labels, None)
+        results += predict_blocks(config, detector, Path(image).stem, image, labels, None)
     return results
 
 
-def _evaluate_scene(config: Config, detector: Any, name: str, image: str, labels_path: str,
-                    windows: list[tuple[int, ...]] | None) -> list[BlockResult]:
-    """Predict `windows` of one scene (None: the whole scene) at score threshold 0, with the ground truth
-    the tiling edge policy keeps in each. The adaptation (scene statistics, AdaBN) is that of the whole scene,
-    as `satdet predict` on the scene would do, not of each block alone."""
-    from pipeline.geo.edges import EdgePolicy
-    from pipeline.geo.labels import read_labels
-    from pipeline.geo.raster import exists_or_remote, raster_info
-    from pipeline.predict.adapt import scene_detector
-    from pipeline.predict.scene import predict_region
-
-    if not exists_or_remote(image):
-        raise SatdetError(f"{image}: evaluation scene not found; fix evaluate.scenes or --scene")
-    if not exists_or_remote(labels_path):
-        raise SatdetError(f"{labels_path}: labels of evaluation scene {image} not found; fix evaluate.scenes or --labels")
-    policy = EdgePolicy(config.tiling.min_visibility)
-    pcfg = config.predict.model_copy(update={"score_threshold": 0.0})
-    info = raster_info(image)
-    labels = read_labels(labels_path, info, config.classes, config.tiling.label_field)
-    adapted = scene_detector(detector, image, pcfg)
-    out = []
-    for c, r, w, h in windows or [(0, 0, info.width, info.height)]:
-        kept = policy.apply(labels.boxes, (c, r, c + w, r + h))
-        region = (c, r, w, h)
-        dets = predict_region(adapted, image, pcfg, region=region)
-        out.append(BlockResult(name, image, region, kept.boxes, labels.class_ids[kept.index], dets))
-    return out
-
-
 def _block_metrics(blocks: list[BlockResult], config: Config) -> dict[str, Any]:
-    gts, dets = _block_boxes(blocks)
+    gts, dets = block_boxes(blocks)
     out = coco_metrics(gts, dets, config.classes, config.evaluate.max_dets, tuple(config.evaluate.iou_thresholds_f1))
     out["at_output_threshold"] = {f"{iou:g}": prf_at_threshold(gts, dets, config.predict.score_threshold, iou)
                                   for iou in config.evaluate.iou_thresholds_f1}
     return out
-
-
-def _block_boxes(blocks: list[BlockResult]) -> tuple[list[ImageBoxes], list[ImageDetections]]:
-    """Ground truth and detections of each block, in block pixels, one pycocotools image per block."""
-    gts, dets = [], []
-    for b in blocks:
-        shift = np.array(b.window[:2] * 2, np.float64)
-        name = f"{b.scene}@{b.window[0]},{b.window[1]}"
-        gts.append(ImageBoxes(b.gt_boxes - shift, b.gt_labels, name))
-        d = b.detections
-        dets.append(ImageDetections(d.boxes - shift, d.labels, name, scores=d.scores))
-    return gts, dets
 
 
 def evaluate_tiles(config: Config, detector: Any, tiles_dir: Path, batch: int = 8) -> tuple[dict[str, Any] | None, int]:

@@ -9,7 +9,7 @@ Layout of an export directory::
     labels.json                  {"1": "tree", ...}
     model_info.json              {format, bands, channels, dtype, tile_size, classes, stats, model_config,
                                   max_detections, output_threshold: {score_threshold, precision, recall,
-                                  f1, iou, split, level} or null, predict: {normalize, adapt_bn, tta}
+                                  f1, iou, split, level, rule} or null, predict: {normalize, adapt_bn, tta}
                                   (the run's test-time settings, `satdet predict`'s defaults) or null}
 
 Normalisation (pipeline.data.stats.normalize) runs inside the signature, so callers pass source pixels.
@@ -26,7 +26,7 @@ import tensorflow as tf
 
 from pipeline.data.stats import normalize
 from pipeline.errors import SatdetError
-from pipeline.files import atomic_dir
+from pipeline.files import atomic_dir, atomic_write_json
 
 EXPORT_FORMAT = "satdet-faster-rcnn/1"
 INFO_FILE = "model_info.json"
@@ -68,8 +68,8 @@ def export_model(model: Any, stats: dict[str, Any], classes: list[str], out_dir:
                  calibration: dict[str, Any] | None = None, predict: dict[str, Any] | None = None) -> Path:
     """Write the export directory ``out_dir`` atomically (see the module docstring); returns it.
 
-    ``calibration`` (pipeline.train.validation.output_threshold: the best-F1 score threshold on the
-    validation tiles) is stored as ``output_threshold``, the default of ``satdet predict``; ``predict``
+    ``calibration`` (pipeline.train.calibrate: the score threshold chosen on the validation data) is
+    stored as ``output_threshold``, the default of ``satdet predict``; ``predict``
     (the run's ``predict.normalize``, ``adapt_bn`` and ``tta``) as ``predict``, its default test-time settings."""
     out_dir = Path(out_dir)
     if int(stats["channels"]) != model.bands:
@@ -94,6 +94,14 @@ def export_model(model: Any, stats: dict[str, Any], classes: list[str], out_dir:
         (tmp / LABELS_FILE).write_text(json.dumps({str(i + 1): c for i, c in enumerate(classes)}, indent=2) + "\n")
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return out_dir
+
+
+def set_output_threshold(export_dir: Path, calibration: dict[str, Any]) -> None:
+    """Replace the stored ``output_threshold`` of an export (model_info.json, written atomically)."""
+    path = Path(export_dir) / INFO_FILE
+    info = json.loads(path.read_text())
+    info["output_threshold"] = calibration
+    atomic_write_json(path, info)
 
 
 class ExportedDetector:

@@ -1,5 +1,6 @@
 """Validation AP50 during training: run the model in inference mode on the val tiles and score with
-pipeline.evaluate.metrics (pycocotools) — the number used for the best checkpoint and early stopping."""
+pipeline.evaluate.metrics (pycocotools) — the number used for the best checkpoint and early stopping —
+and the tile-level output threshold (pipeline.train.calibrate) when the scenes are not at hand."""
 
 from __future__ import annotations
 
@@ -31,16 +32,6 @@ def validation_ap50(
     return -1.0 if metrics is None else float(metrics["AP50"])
 
 
-def output_threshold(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The score threshold that maximises F1 at IoU 0.5 on the validation tiles, with its precision/recall
-    (stored in the export as the model's default output threshold); None when it is undefined."""
-    prf = ((metrics or {}).get("prf") or {}).get("0.5")
-    if not prf or prf.get("score_threshold", -1) < 0 or prf.get("f1", 0) <= 0:
-        return None
-    return {"score_threshold": float(prf["score_threshold"]), "iou": 0.5, "split": "val", "level": "tile",
-            **{k: float(prf[k]) for k in ("precision", "recall", "f1")}}
-
-
 def validation_metrics(
     model: keras.Model,
     dataset: tf.data.Dataset,
@@ -49,6 +40,18 @@ def validation_metrics(
     predict_fn: Callable[[tf.Tensor], dict[str, tf.Tensor]] | None = None,
 ) -> dict[str, Any] | None:
     """pipeline.evaluate.metrics.coco_metrics of `model` over a finite dataset; None without ground truth."""
+    gts, dets = validation_boxes(model, dataset, predict_fn)
+    if not gts:
+        return None
+    return coco_metrics(gts, dets, class_names, max_dets=max_dets)
+
+
+def validation_boxes(
+    model: keras.Model,
+    dataset: tf.data.Dataset,
+    predict_fn: Callable[[tf.Tensor], dict[str, tf.Tensor]] | None = None,
+) -> tuple[list[ImageBoxes], list[ImageDetections]]:
+    """Ground truth and detections of every tile of a finite (images, targets) dataset."""
     gts: list[ImageBoxes] = []
     dets: list[ImageDetections] = []
     for images, targets in dataset:
@@ -64,9 +67,7 @@ def validation_metrics(
                     d_boxes[i, :k], d_classes[i, :k], image_id=str(len(dets)), scores=d_scores[i, :k]
                 )
             )
-    if not gts:
-        return None
-    return coco_metrics(gts, dets, class_names, max_dets=max_dets)
+    return gts, dets
 
 
 class Validation:
@@ -80,10 +81,12 @@ class Validation:
     def ap50(self, model: keras.Model) -> float:
         return validation_ap50(model, self.dataset, self.class_names, self.max_dets, predict_fn=self.predict_fn)
 
-    def output_threshold(self, model: keras.Model) -> dict[str, Any] | None:
-        """`output_threshold` of the model's validation metrics."""
-        metrics = validation_metrics(model, self.dataset, self.class_names, self.max_dets, self.predict_fn)
-        return output_threshold(metrics)
+    def output_threshold(self, model: keras.Model, min_precision: float | None) -> dict[str, Any] | None:
+        """The output threshold chosen on the validation tiles (pipeline.train.calibrate)."""
+        from pipeline.train.calibrate import choose_output_threshold
+
+        gts, dets = validation_boxes(model, self.dataset, self.predict_fn)
+        return choose_output_threshold(gts, dets, min_precision, "tile")
 
 
-__all__ = ["Validation", "make_predict_fn", "output_threshold", "validation_ap50", "validation_metrics"]
+__all__ = ["Validation", "make_predict_fn", "validation_ap50", "validation_boxes", "validation_metrics"]

@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.model.boxes import BoxCoder, batched_nms, clip_boxes, pairwise_iou, xyxy_to_yxyx
+from pipeline.model.boxes import (
+    BoxCoder,
+    batched_nms,
+    clip_boxes,
+    generalized_iou,
+    pairwise_iou,
+    xyxy_to_yxyx,
+)
 
 
 def _random_boxes(rng, n, size=100.0):
@@ -103,3 +110,15 @@ def test_greedy_and_padded_nms_keep_the_same_boxes_on_random_crowds():
 def test_unknown_nms_impl_is_rejected():
     with pytest.raises(ValueError, match="unknown NMS implementation"):
         batched_nms(np.zeros((1, 2, 4), np.float32), np.zeros((1, 2), np.float32), None, 2, 0.5, impl="fast")
+
+
+def test_generalized_iou_known_values_and_agrees_with_iou_when_hull_is_the_union():
+    a = tf.constant([[0.0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 10, 10]])
+    b = tf.constant([[0.0, 0, 10, 10], [5, 0, 15, 10], [20, 0, 30, 10], [2, 2, 8, 8]])
+    giou = generalized_iou(a, b).numpy()
+    # identical; half overlap (IoU 1/3, hull = union); disjoint: 0 - (300 - 200) / 300; nested (hull = a)
+    np.testing.assert_allclose(giou, [1.0, 1 / 3, -1 / 3, 36 / 100], atol=1e-6)
+    iou = np.diag(pairwise_iou(a, b).numpy())
+    assert giou[2] < iou[2] == 0.0  # GIoU still ranks disjoint boxes by distance, where IoU is flat at 0
+    far = generalized_iou(a[2:3], tf.constant([[40.0, 0, 50, 10]])).numpy()
+    assert far[0] < giou[2]

@@ -37,15 +37,17 @@ def test_inference_outputs_follow_the_contract_for_any_image_size(tiles, make_co
         assert np.all(np.diff(out["scores"].numpy()[b, : n[b]]) <= 1e-6)  # sorted by score
 
 
-def test_losses_are_finite_scalars_including_an_image_without_boxes(tiles, make_config):
+@pytest.mark.parametrize("box_loss", ["smooth_l1", "giou"])
+def test_losses_are_finite_scalars_including_an_image_without_boxes(tiles, make_config, box_loss):
     images, targets = tiles
     targets = {k: v.copy() for k, v in targets.items()}
     targets["num_boxes"][1] = 0
     targets["boxes"][1] = 0
     targets["labels"][1] = 0
-    model = build_detector(make_config(), num_classes=2, bands=3)
+    model = build_detector(make_config(roi_box_loss=box_loss), num_classes=2, bands=3)
     losses = model.compute_losses(tf.constant(images), targets, training=True)
     assert tuple(losses) == LOSS_NAMES
+    assert float(losses["roi_box"]) > 0.0  # GT boxes are appended to the ROIs: positives always exist
     for value in losses.values():
         assert value.shape == () and value.dtype == tf.float32 and np.isfinite(value.numpy())
     empty = {"boxes": np.zeros((1, 3, 4), np.float32), "labels": np.zeros((1, 3), np.int32), "num_boxes": np.zeros(1)}

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline.model.roi import assign_levels, roi_align, sample_rois
+from pipeline.model.boxes import BoxCoder
+from pipeline.model.roi import GIOU_LOSS_WEIGHT, assign_levels, roi_align, roi_loss, sample_rois
 
 
 def _bilinear(feat, y, x):
@@ -126,3 +127,39 @@ def test_sample_rois_with_few_candidates_pads_invalid_and_keeps_gt():
     assert out["boxes"].shape == (1, 8, 4)
     assert out["valid"].numpy()[0].sum() == 2
     assert sorted(out["labels"].numpy()[0][out["valid"].numpy()[0]].tolist()) == [0, 1]
+
+
+def _rois(boxes, matched, labels):
+    return {"boxes": tf.constant([boxes], tf.float32), "matched": tf.constant([matched], tf.float32),
+            "labels": tf.constant([labels], tf.int32), "valid": tf.ones([1, len(labels)], tf.bool)}
+
+
+@pytest.mark.parametrize("box_loss", ["smooth_l1", "giou"])
+def test_roi_box_loss_is_zero_for_exact_deltas_and_counts_positives_only(box_loss):
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    rois = _rois([[10, 10, 50, 50], [0, 0, 30, 20], [60, 60, 90, 90]],
+                 [[12, 8, 54, 50], [2, 1, 28, 22], [0, 0, 1, 1]], [1, 1, 0])
+    exact = coder.encode(rois["boxes"], rois["matched"])[:, :, None, :]  # [1, 3, 1 class, 4]
+    logits = tf.zeros([1, 3, 2])
+    _, box = roi_loss(logits, exact, rois, coder, box_loss)
+    assert float(box) == pytest.approx(0.0, abs=1e-5)
+    # A wrong delta on the background ROI costs nothing; on a positive it does.
+    wrong_bg = tf.tensor_scatter_nd_update(exact, [[0, 2, 0, 0]], [3.0])
+    assert float(roi_loss(logits, wrong_bg, rois, coder, box_loss)[1]) == pytest.approx(0.0, abs=1e-5)
+    wrong_fg = tf.tensor_scatter_nd_update(exact, [[0, 0, 0, 0]], [3.0])
+    assert float(roi_loss(logits, wrong_fg, rois, coder, box_loss)[1]) > 0.01
+
+
+def test_giou_box_loss_value_and_gradient():
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    rois = _rois([[0, 0, 10, 10], [0, 0, 10, 10]], [[5, 0, 15, 10], [0, 0, 10, 10]], [1, 1])
+    deltas = tf.Variable(tf.zeros([1, 2, 1, 4]))  # decoded boxes = the ROIs: GIoU 1/3 and 1 with their GT
+    with tf.GradientTape() as tape:
+        _, box = roi_loss(tf.zeros([1, 2, 2]), deltas, rois, coder, "giou")
+    # sum over positives of 10 x (1 - GIoU), divided by the 2 sampled ROIs
+    assert float(box) == pytest.approx(GIOU_LOSS_WEIGHT * (1 - 1 / 3) / 2, rel=1e-5)
+    grad = tape.gradient(box, deltas).numpy()[0, :, 0]
+    assert grad[0, 0] < 0  # moving the first box right (dx > 0) towards its GT lowers the loss
+    assert np.abs(grad[1]).max() < 1e-3 * np.abs(grad[0]).max() + 1e-9  # the exact box sits at the optimum
+    with pytest.raises(ValueError, match="unknown box loss"):
+        roi_loss(tf.zeros([1, 2, 2]), deltas, rois, coder, "l2")
