@@ -162,6 +162,12 @@ class ModelConfig(_Section):
     fpn_channels: int = Field(256, gt=0, description="FPN channels.")
     min_level: int = Field(2, ge=2, le=5, description="Finest FPN level (stride 2**min_level).")
     max_level: int = Field(6, ge=3, le=7, description="Coarsest FPN level for the RPN.")
+    roi_min_level: int | None = Field(
+        None, ge=2, le=5,
+        description="Finest FPN level the box head pools from; null = min_level. Below min_level (2 with min_level "
+        "3) the FPN gets that level for the box head only, without anchors: finer features to place box edges "
+        "for small objects, for a fraction of the cost of anchors there.",
+    )
     anchor_sizes: list[float] = Field(
         [32, 64, 128, 256, 512], description="Anchor size (px) per FPN level, finest first."
     )
@@ -209,6 +215,8 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _levels(self) -> ModelConfig:
+        if self.roi_min_level is not None and self.roi_min_level > self.min_level:
+            raise ValueError(f"model.roi_min_level ({self.roi_min_level}) must be <= model.min_level ({self.min_level})")
         n = self.max_level - self.min_level + 1
         if len(self.anchor_sizes) != n:
             raise ValueError(

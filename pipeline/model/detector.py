@@ -77,7 +77,8 @@ class FasterRCNN(keras.Model):
         self.bands = int(bands)
         # a string: keras/TF attribute tracking would wrap a dict
         self._stats_json = json.dumps(stats, default=lambda v: v.tolist())  # numpy values too
-        self.roi_min_level = cfg.min_level
+        self.roi_min_level = cfg.min_level if cfg.roi_min_level is None else cfg.roi_min_level
+        self.feature_min_level = min(cfg.min_level, self.roi_min_level)  # finest FPN level built
         self.roi_max_level = min(cfg.max_level, _ROI_MAX_LEVEL)
         self.num_anchors = num_anchors_per_location(cfg.aspect_ratios, cfg.anchor_scales_per_octave)
         self.rpn_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
@@ -89,21 +90,22 @@ class FasterRCNN(keras.Model):
             self.backbone = build_backbone(cfg.backbone, self.bands, cfg.weights, cfg.bn_momentum,
                                            freeze_bn=cfg.freeze_bn, freeze_stages=cfg.freeze_stages, stats=stats,
                                            pretrained_input=cfg.pretrained_input)
-            self.fpn = FPN(cfg.fpn_channels, num_inputs=backbone_top - cfg.min_level + 1,
-                           extra_levels=cfg.max_level - backbone_top, name="fpn")
+            self.fpn = FPN(cfg.fpn_channels, num_inputs=backbone_top - self.feature_min_level + 1,
+                           extra_levels=cfg.max_level - backbone_top,
+                           light_levels=cfg.min_level - self.feature_min_level, name="fpn")  # box-head-only levels
             self.rpn_head = RPNHead(cfg.fpn_channels, self.num_anchors, name="rpn_head")
             self.box_head = BoxHead(self.num_classes, cfg.head_dim, name="box_head")
         self.seed_generator = keras.random.SeedGenerator(cfg.seed, name="sampling_seed")
         # A SeedGenerator is not a TF trackable: expose its state so tf.train.Checkpoint saves the RNG too.
         self.sampling_rng_state = self.seed_generator.state
         # Create every weight now (eagerly, tiny input) so checkpoints and tf.function tracing see them.
-        self.rpn_head(self._features(tf.zeros([1, 64, 64, self.bands]), training=False))
+        self.rpn_head(self._rpn_levels(self._features(tf.zeros([1, 64, 64, self.bands]), training=False)))
         self.box_head.build((None, None, cfg.roi_size, cfg.roi_size, cfg.fpn_channels))
         self.built = True
 
     # ----------------------------------------------------------------------------------- shared parts
     def _features(self, images: tf.Tensor, training: bool) -> list[tf.Tensor]:
-        """FPN levels min_level..max_level (finest first) of images padded to a multiple of 32."""
+        """FPN levels feature_min_level..max_level (finest first) of images padded to a multiple of 32."""
         h, w = images.shape[1], images.shape[2]
         if h is None or w is None:
             raise ValueError("FasterRCNN needs images with a static height and width")
@@ -112,9 +114,14 @@ class FasterRCNN(keras.Model):
         if ph or pw:
             x = tf.pad(x, [[0, 0], [0, ph], [0, pw], [0, 0]])
         c = self.backbone(x, training=training)
-        return self.fpn(c[self.cfg.min_level - 2 : self.roi_max_level - 1])
+        return self.fpn(c[self.feature_min_level - 2 : self.roi_max_level - 1])
+
+    def _rpn_levels(self, features: list[tf.Tensor]) -> list[tf.Tensor]:
+        """The levels with anchors: min_level..max_level."""
+        return features[self.cfg.min_level - self.feature_min_level :]
 
     def _anchors(self, features: list[tf.Tensor]) -> list[tf.Tensor]:
+        """Anchors of the RPN levels (`features` as `_rpn_levels` gives them)."""
         shapes = [(f.shape[1], f.shape[2]) for f in features]
         strides = [2**level for level in range(self.cfg.min_level, self.cfg.max_level + 1)]
         arrays = multilevel_anchors(shapes, strides, self.cfg.anchor_sizes, self.cfg.aspect_ratios,
@@ -122,7 +129,8 @@ class FasterRCNN(keras.Model):
         return [tf.constant(a) for a in arrays]
 
     def _roi_features(self, features: list[tf.Tensor], boxes: tf.Tensor) -> tf.Tensor:
-        levels = features[: self.roi_max_level - self.roi_min_level + 1]
+        first = self.roi_min_level - self.feature_min_level
+        levels = features[first : first + self.roi_max_level - self.roi_min_level + 1]
         return roi_align(levels, boxes, self.roi_min_level, self.cfg.roi_size, self.cfg.roi_sampling_ratio,
                          self.roi_align_impl)
 
@@ -138,8 +146,8 @@ class FasterRCNN(keras.Model):
         gt_valid = gt_valid_mask(num_boxes, gt_boxes.shape[1])
 
         features = self._features(images, training)
-        logits, deltas = self.rpn_head(features)
-        level_anchors = self._anchors(features)
+        logits, deltas = self.rpn_head(self._rpn_levels(features))
+        level_anchors = self._anchors(self._rpn_levels(features))
         anchors = tf.concat(level_anchors, axis=0)
 
         labels, matched = match_anchors(masked_iou(anchors, gt_boxes, gt_valid), cfg.rpn_fg_iou, cfg.rpn_bg_iou)
@@ -162,8 +170,8 @@ class FasterRCNN(keras.Model):
         cfg = self.cfg
         height, width = images.shape[1], images.shape[2]
         features = self._features(images, training)
-        logits, deltas = self.rpn_head(features)
-        proposals, valid = propose(logits, deltas, self._anchors(features), (height, width), self.rpn_coder,
+        logits, deltas = self.rpn_head(self._rpn_levels(features))
+        proposals, valid = propose(logits, deltas, self._anchors(self._rpn_levels(features)), (height, width), self.rpn_coder,
                                    cfg.rpn_pre_nms_top_n_test, cfg.rpn_post_nms_top_n_test, cfg.rpn_nms_iou,
                                    nms_impl=self.nms_impl)
         cls_logits, box_deltas = self.box_head(self._roi_features(features, proposals))
