@@ -304,6 +304,8 @@ def predict_cmd(
                                  "batch_size": batch}.items() if v is not None}
     updates.update(_adaptation_updates(normalize, adapt_bn, tta))
     cfg = PredictConfig.model_validate({**base.model_dump(), **updates})
+    if cfg.score_threshold is None:
+        _name_output_threshold(model_dir)
     import_tensorflow()
     from pipeline.predict.scene import predict_scenes
 
@@ -324,6 +326,23 @@ def _model_predict_settings(model_dir: Path) -> Any:
         typer.echo(f"test-time settings from the model: {shown} (--config or --normalize/--[no-]adapt-bn/"
                    "--[no-]tta override them)", err=True)
     return PredictConfig.model_validate(stored)  # validated: the file may have been edited
+
+
+def _name_output_threshold(model_dir: Path) -> None:
+    """Say on stderr which score threshold the model brings and how it was chosen."""
+    from pipeline.predict.exported import DEFAULT_OUTPUT_THRESHOLD, stored_output_threshold
+
+    stored = stored_output_threshold(model_dir)
+    if stored is None:
+        typer.echo(f"score threshold {DEFAULT_OUTPUT_THRESHOLD:g} (the model stores none; --score-threshold sets it)",
+                   err=True)
+        return
+    rule = str(stored.get("rule", "best_f1"))
+    how = ("best F1" if rule == "best_f1" else
+           f"most recall at precision >= {rule.rsplit('_', 1)[-1]}") + f" on its validation {stored.get('level', 'tile')}s"
+    typer.echo(f"score threshold {float(stored['score_threshold']):.3f} from the model ({how}: precision "
+               f"{float(stored.get('precision', -1)):.2f}, recall {float(stored.get('recall', -1)):.2f}; "
+               "--score-threshold overrides)", err=True)
 
 
 # --------------------------------------------------------------------------- orchestration (flows/)

@@ -48,18 +48,36 @@ def resolve_export_dir(path: str | Path) -> Path:
                       "by training (runs/<name>/model/export)")
 
 
-def stored_test_time_settings(path: str | Path) -> dict[str, Any]:
-    """The test-time settings (normalize, adapt_bn, tta) the export at `path` (or `path/export`) was written
-    with; {} for older exports, and where there is no export (loading it names that error)."""
-    found = _find_export_dir(Path(path))
+def _stored_info(path: Path) -> dict[str, Any]:
+    """model_info.json of the export at `path` (or `path/export`); {} where there is none (loading it names
+    that error)."""
+    found = _find_export_dir(path)
     if found is None:
         return {}
     info_path = found / "model_info.json"
     try:
-        stored = json.loads(info_path.read_text()).get("predict") or {}
-    except (ValueError, AttributeError):
-        raise SatdetError(f"{info_path}: not a JSON object; re-export the model (satdet train)") from None
+        info = json.loads(info_path.read_text())
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        raise SatdetError(f"{info_path}: not a JSON object; re-export the model (satdet train)")
+    return info
+
+
+def stored_test_time_settings(path: str | Path) -> dict[str, Any]:
+    """The test-time settings (normalize, adapt_bn, tta) the export at `path` (or `path/export`) was written
+    with; {} for older exports, and where there is no export (loading it names that error)."""
+    stored = _stored_info(Path(path)).get("predict") or {}
+    if not isinstance(stored, dict):
+        raise SatdetError(f"{_find_export_dir(Path(path))}/model_info.json: 'predict' is not a JSON object; "
+                          "re-export the model (satdet train)")
     return {k: stored[k] for k in TEST_TIME_KEYS if k in stored}
+
+
+def stored_output_threshold(path: str | Path) -> dict[str, Any] | None:
+    """The output threshold the export at `path` was calibrated with (model_info.json), or None."""
+    stored = _stored_info(Path(path)).get("output_threshold")
+    return stored if isinstance(stored, dict) and "score_threshold" in stored else None
 
 
 def load_detector(export_dir: str | Path) -> Detector:

@@ -67,3 +67,27 @@ def test_predict_names_a_broken_model_info_in_one_line(tmp_path):
     result = CliRunner().invoke(app, ["predict", str(tmp_path), str(tmp_path / "s.tif"), "--out", str(tmp_path / "d.geojson")])
     assert result.exit_code == 2 and "model_info.json: not a JSON object" in result.output
     assert "Traceback" not in result.output
+
+
+def test_predict_names_the_score_threshold_the_model_brings(tmp_path, monkeypatch):
+    (tmp_path / "export").mkdir()
+    info = {"classes": ["tree"], "output_threshold": {"score_threshold": 0.4123, "rule": "max_recall_at_precision_0.5",
+                                                      "level": "scene", "precision": 0.51, "recall": 0.64}}
+    (tmp_path / "export" / "model_info.json").write_text(json.dumps(info))
+    _capture_predict(monkeypatch)
+    args = ["predict", str(tmp_path), str(tmp_path / "s.tif"), "--out", str(tmp_path / "d.geojson")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert ("score threshold 0.412 from the model (most recall at precision >= 0.5 on its validation scenes: "
+            "precision 0.51, recall 0.64; --score-threshold overrides)") in result.output
+    info["output_threshold"] = {"score_threshold": 0.6, "level": "tile", "precision": 0.7, "recall": 0.5}  # older
+    (tmp_path / "export" / "model_info.json").write_text(json.dumps(info))
+    assert "0.600 from the model (best F1 on its validation tiles" in CliRunner().invoke(app, args).output
+    info["output_threshold"] = None
+    (tmp_path / "export" / "model_info.json").write_text(json.dumps(info))
+    assert "score threshold 0.3 (the model stores none" in CliRunner().invoke(app, args).output
+    quiet = CliRunner().invoke(app, [*args, "--score-threshold", "0.2"]).output
+    assert "score threshold" not in quiet  # the user's own: nothing to explain
+    (tmp_path / "export" / "model_info.json").write_text(json.dumps({**info, "predict": [1]}))
+    broken = CliRunner().invoke(app, args)
+    assert broken.exit_code == 2 and "'predict' is not a JSON object" in broken.output
