@@ -338,8 +338,9 @@ def _name_output_threshold(model_dir: Path) -> None:
                    err=True)
         return
     rule = str(stored.get("rule", "best_f1"))
-    how = ("best F1" if rule == "best_f1" else
-           f"most recall at precision >= {rule.rsplit('_', 1)[-1]}") + f" on its validation {stored.get('level', 'tile')}s"
+    where = "blocks, predicted as satdet predict does" if stored.get("level") == "scene" else "tiles"
+    how = ("best F1" if rule == "best_f1" else f"most recall at precision >= {rule.rsplit('_', 1)[-1]}")
+    how += f" on its validation {where}"
     typer.echo(f"score threshold {float(stored['score_threshold']):.3f} from the model ({how}: precision "
                f"{float(stored.get('precision', -1)):.2f}, recall {float(stored.get('recall', -1)):.2f}; "
                "--score-threshold overrides)", err=True)

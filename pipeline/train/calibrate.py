@@ -2,7 +2,8 @@
 
 Chosen on the validation blocks predicted the way `satdet predict` delivers a scene (windows, seams,
 merge, the run's normalisation and flips), so the threshold applies to the scores users get. The rule
-(`train.output_min_precision`): the most recall at precision >= the target, or the best F1 (null).
+(`train.output_min_precision`): the most recall at precision >= the target, or the best F1 (null); never
+a threshold above the best-F1 one.
 Scores fall on sites the model never saw; a best-F1 threshold, which sits where the training site's
 scores are confident, then keeps few detections there (docs/predict.md has the figures).
 """
@@ -24,18 +25,20 @@ CALIBRATION_IOU = 0.5
 def choose_output_threshold(gts: list[ImageBoxes], dets: list[ImageDetections], min_precision: float | None,
                             level: str) -> dict[str, Any] | None:
     """The calibrated threshold with its validation precision/recall/F1 (None when undefined: no ground truth
-    or no detection). A precision target that no threshold reaches falls back to the best F1."""
+    or no detection). The precision target's threshold is taken only when it is below the best-F1 one: a
+    weak model that reaches the target only with its very top scores keeps its best-F1 threshold."""
     scores, hit, n_gt = ranked_matches(gts, dets, CALIBRATION_IOU)
     if n_gt == 0 or len(scores) == 0:
         return None
-    point, rule = None, "best_f1"
+    best = operating_point(scores, hit, n_gt)
+    point, rule = best, "best_f1"
     if min_precision is not None:
-        point, rule = operating_point(scores, hit, n_gt, min_precision), f"max_recall_at_precision_{min_precision:g}"
-        if point is None:
+        target = operating_point(scores, hit, n_gt, min_precision)
+        if target is None:
             log.warning("no score threshold reaches precision %.2f on the validation %ss; storing the best-F1 one",
                         min_precision, level)
-            rule = "best_f1"
-    point = point or operating_point(scores, hit, n_gt)
+        elif target["score_threshold"] <= best["score_threshold"]:
+            point, rule = target, f"max_recall_at_precision_{min_precision:g}"
     if point is None or point["f1"] <= 0:
         return None
     return {"score_threshold": point["score_threshold"], "iou": CALIBRATION_IOU, "split": "val", "level": level,

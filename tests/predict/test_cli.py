@@ -78,8 +78,8 @@ def test_predict_names_the_score_threshold_the_model_brings(tmp_path, monkeypatc
     args = ["predict", str(tmp_path), str(tmp_path / "s.tif"), "--out", str(tmp_path / "d.geojson")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert ("score threshold 0.412 from the model (most recall at precision >= 0.5 on its validation scenes: "
-            "precision 0.51, recall 0.64; --score-threshold overrides)") in result.output
+    assert ("score threshold 0.412 from the model (most recall at precision >= 0.5 on its validation blocks, "
+            "predicted as satdet predict does: precision 0.51, recall 0.64; --score-threshold overrides)") in result.output
     info["output_threshold"] = {"score_threshold": 0.6, "level": "tile", "precision": 0.7, "recall": 0.5}  # older
     (tmp_path / "export" / "model_info.json").write_text(json.dumps(info))
     assert "0.600 from the model (best F1 on its validation tiles" in CliRunner().invoke(app, args).output

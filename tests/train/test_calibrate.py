@@ -43,8 +43,9 @@ def test_precision_target_keeps_the_most_recall_at_that_precision():
     assert cal["rule"] == "max_recall_at_precision_0.5"
     assert cal["score_threshold"] == pytest.approx(0.3)  # P 3/6 = 0.5, R 1: below the best-F1 threshold
     assert (cal["precision"], cal["recall"]) == (pytest.approx(0.5), pytest.approx(1.0))
+    # a target only the top score reaches (0.9, above the best-F1 threshold): the best F1 is kept
     strict = choose_output_threshold(GT, DET, 0.7, "scene")
-    assert strict["score_threshold"] == pytest.approx(0.9) and strict["precision"] == 1.0
+    assert strict["rule"] == "best_f1" and strict["score_threshold"] == pytest.approx(0.6)
     # the stored figures are what prf_at_threshold measures at the stored threshold
     again = prf_at_threshold(GT, DET, cal["score_threshold"])
     assert again["precision"] == pytest.approx(cal["precision"]) and again["recall"] == pytest.approx(cal["recall"])
@@ -83,8 +84,9 @@ def test_ranked_matches_give_prf_at_every_threshold():
 
 # Bright squares: brightness 200 scores 0.78, 120 scores 0.47 (BrightSquareDetector: mean brightness / 255).
 TRUE_BRIGHT = [(10, 10, 24, 24), (40, 30, 52, 42)]
+FALSE_BRIGHT = (70, 130, 84, 144)  # unlabelled
 TRUE_DIM = (100, 20, 114, 34, 120)
-FALSE_DIM = (100, 100, 114, 114, 120)  # unlabelled
+FALSE_DIM = [(100, 100, 114, 114, 120), (130, 60, 144, 74, 120)]  # unlabelled
 
 
 def _val_tiles(tmp_path, image, labels):
@@ -97,10 +99,11 @@ def _val_tiles(tmp_path, image, labels):
     return tiles
 
 
-@pytest.mark.parametrize(("min_precision", "threshold", "recall"), [(0.8, 0.78, 2 / 3), (0.5, 0.47, 1.0), (None, 0.47, 1.0)])
+@pytest.mark.parametrize(("min_precision", "threshold", "recall"), [(0.5, 0.47, 1.0), (None, 0.78, 2 / 3),
+                                                                   (0.6, 0.78, 2 / 3)])
 def test_calibration_on_val_blocks_predicts_the_scene_as_satdet_predict(tmp_path, monkeypatch, min_precision,
                                                                          threshold, recall):
-    scene = write_scene(tmp_path / "s.tif", 160, 160, TRUE_BRIGHT, extra=[TRUE_DIM, FALSE_DIM])
+    scene = write_scene(tmp_path / "s.tif", 160, 160, [*TRUE_BRIGHT, FALSE_BRIGHT], extra=[TRUE_DIM, *FALSE_DIM])
     with rasterio.open(scene, "r+") as ds:  # the dim squares in band 1 only: class 1 (tree), as the bright ones
         for band in (2, 3):
             ds.write(np.full((160, 160), 20, np.uint8), band)
@@ -110,8 +113,8 @@ def test_calibration_on_val_blocks_predicts_the_scene_as_satdet_predict(tmp_path
     monkeypatch.setattr(exported, "load_detector", lambda p: BrightSquareDetector(tile_size=64))
     cfg = Config(classes=["tree"], predict={"overlap": 16}, train={"output_min_precision": min_precision})
     cal = calibrate_on_val_blocks(cfg, tiles, tmp_path / "export")
-    # ranked: 0.78 TP, 0.78 TP, 0.47 TP + 0.47 FP (a tie: one cut) -> P 1 / R 2/3 (F1 0.8), then P 3/4 / R 1
-    # (F1 0.86): a target of 0.8 keeps the first cut only; 0.5 and the best F1 take both
+    # ranked: 0.78 x 3 (2 TP, 1 FP), then 0.47 x 3 (1 TP, 2 FP); ties are one cut each: P 2/3, R 2/3 (F1 2/3),
+    # then P 1/2, R 1 (F1 2/3). The best F1 (the first of equals) keeps the bright ones; precision 0.5 keeps all.
     assert cal["level"] == "scene" and cal["split"] == "val"
     assert cal["score_threshold"] == pytest.approx(threshold, abs=0.01)
     assert cal["recall"] == pytest.approx(recall)
