@@ -291,8 +291,9 @@ class TrainConfig(_Section):
         0.5, gt=0, le=1,
         description="How the output threshold stored with the model (the default of `satdet predict`) is chosen on "
         "the validation blocks, predicted as `satdet predict` delivers them: the threshold with the most recall "
-        "at precision (IoU 0.5) >= this value, when it is below the best-F1 one. null = the best-F1 threshold. Scores fall on sites the "
-        "model never saw, so a best-F1 threshold keeps few detections there (docs/predict.md).",
+        "at precision (IoU 0.5) >= this value, when it is below the best-F1 one. null = the best-F1 threshold. "
+        "Scores fall on sites the model never saw, so a best-F1 threshold keeps few detections there "
+        "(docs/predict.md).",
     )
     jit_compile: bool | None = Field(None, description="XLA; None = on with a GPU, off on CPU (XLA convs are slow there).")
     distribute: Literal["auto", "none", "mirrored"] = Field(

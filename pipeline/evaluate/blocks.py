@@ -38,6 +38,17 @@ def load_splits(tiles_dir: Path) -> dict[str, Any]:
         raise SatdetError(f"{path}: not valid JSON; re-run the tiling stage") from None
 
 
+def split_windows(tiles_dir: Path, split: str) -> list[tuple[dict[str, Any], list[tuple[int, ...]]]]:
+    """Each tiled scene (its splits.json entry) with the windows of its `split` blocks; scenes without any
+    are left out."""
+    out = []
+    for entry in load_splits(tiles_dir).get("scenes", []):
+        windows = [tuple(int(v) for v in b["window"]) for b in entry.get("blocks", []) if b.get("split") == split]
+        if windows:
+            out.append((entry, windows))
+    return out
+
+
 def predict_blocks(config: Config, detector: Any, name: str, image: str, labels_path: str,
                     windows: list[tuple[int, ...]] | None) -> list[BlockResult]:
     """Predict `windows` of one scene (None: the whole scene) at score threshold 0, with the ground truth

@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.errors import SatdetError
-from pipeline.evaluate.blocks import BlockResult, block_boxes, load_splits, predict_blocks
+from pipeline.evaluate.blocks import BlockResult, block_boxes, predict_blocks, split_windows
 from pipeline.evaluate.metrics import ImageBoxes, ImageDetections, coco_metrics, prf_at_threshold
 from pipeline.files import atomic_write_json
 
@@ -41,14 +41,10 @@ def evaluate_scenes(config: Config, detector: Any, tiles_dir: Path) -> list[Bloc
     split = config.evaluate.split
     results: list[BlockResult] = []
     if not config.evaluate.only_scenes:
-        for entry in load_splits(tiles_dir).get("scenes", []):
-            blocks = [b for b in entry.get("blocks", []) if b.get("split") == split]
-            if not blocks:
-                continue
+        for entry, windows in split_windows(tiles_dir, split):
             if not entry.get("labels"):
                 log.warning("scene %s has no labels; skipped in scene-level evaluation", entry.get("scene"))
                 continue
-            windows = [tuple(int(v) for v in block["window"]) for block in blocks]
             results += predict_blocks(config, detector, entry["scene"], entry["image"], entry["labels"], windows)
     for scene in config.evaluate.scenes:
         image, labels = str(scene.image), str(scene.labels)

@@ -146,8 +146,9 @@ class FasterRCNN(keras.Model):
         gt_valid = gt_valid_mask(num_boxes, gt_boxes.shape[1])
 
         features = self._features(images, training)
-        logits, deltas = self.rpn_head(self._rpn_levels(features))
-        level_anchors = self._anchors(self._rpn_levels(features))
+        rpn_levels = self._rpn_levels(features)
+        logits, deltas = self.rpn_head(rpn_levels)
+        level_anchors = self._anchors(rpn_levels)
         anchors = tf.concat(level_anchors, axis=0)
 
         labels, matched = match_anchors(masked_iou(anchors, gt_boxes, gt_valid), cfg.rpn_fg_iou, cfg.rpn_bg_iou)
@@ -170,8 +171,9 @@ class FasterRCNN(keras.Model):
         cfg = self.cfg
         height, width = images.shape[1], images.shape[2]
         features = self._features(images, training)
-        logits, deltas = self.rpn_head(self._rpn_levels(features))
-        proposals, valid = propose(logits, deltas, self._anchors(self._rpn_levels(features)), (height, width), self.rpn_coder,
+        rpn_levels = self._rpn_levels(features)
+        logits, deltas = self.rpn_head(rpn_levels)
+        proposals, valid = propose(logits, deltas, self._anchors(rpn_levels), (height, width), self.rpn_coder,
                                    cfg.rpn_pre_nms_top_n_test, cfg.rpn_post_nms_top_n_test, cfg.rpn_nms_iou,
                                    nms_impl=self.nms_impl)
         cls_logits, box_deltas = self.box_head(self._roi_features(features, proposals))

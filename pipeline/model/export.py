@@ -65,12 +65,12 @@ class _Serving(tf.Module):
 
 
 def export_model(model: Any, stats: dict[str, Any], classes: list[str], out_dir: Path, tile_size: int,
-                 calibration: dict[str, Any] | None = None, predict: dict[str, Any] | None = None) -> Path:
+                 predict: dict[str, Any] | None = None) -> Path:
     """Write the export directory ``out_dir`` atomically (see the module docstring); returns it.
 
-    ``calibration`` (pipeline.train.calibrate: the score threshold chosen on the validation data) is
-    stored as ``output_threshold``, the default of ``satdet predict``; ``predict``
-    (the run's ``predict.normalize``, ``adapt_bn`` and ``tta``) as ``predict``, its default test-time settings."""
+    ``predict`` (the run's ``predict.normalize``, ``adapt_bn`` and ``tta``) is stored as ``predict``, its
+    default test-time settings. ``output_threshold`` starts null: `set_output_threshold` stores the one the
+    train stage calibrates with the export (pipeline.train.calibrate)."""
     out_dir = Path(out_dir)
     if int(stats["channels"]) != model.bands:
         raise SatdetError(f"stats.json has {stats['channels']} channels but the model was built for {model.bands} bands")
@@ -85,7 +85,7 @@ def export_model(model: Any, stats: dict[str, Any], classes: list[str], out_dir:
         "stats": stats,
         "model_config": model.cfg.model_dump(mode="json"),
         "max_detections": model.cfg.max_detections,
-        "output_threshold": calibration,
+        "output_threshold": None,
         "predict": predict,
     }
     with atomic_dir(out_dir) as tmp:

@@ -49,13 +49,11 @@ def calibrate_on_val_blocks(config: Config, tiles_dir: Path, export_dir: Path) -
     """`choose_output_threshold` on the labelled validation blocks of the tiled scenes, predicted by the export
     at scene level with the run's test-time settings. None when there are none, or when a scene image is not
     readable from here (the tiles can travel without their source scenes): the caller keeps the tile-level one."""
-    from pipeline.evaluate.blocks import block_boxes, load_splits, predict_blocks
+    from pipeline.evaluate.blocks import block_boxes, predict_blocks, split_windows
     from pipeline.geo.raster import exists_or_remote
     from pipeline.predict.adapt import load_for_predict
 
-    scenes = [(e, [tuple(int(v) for v in b["window"]) for b in e.get("blocks", []) if b.get("split") == "val"])
-              for e in load_splits(tiles_dir).get("scenes", []) if e.get("labels")]
-    scenes = [(e, windows) for e, windows in scenes if windows]
+    scenes = [(e, windows) for e, windows in split_windows(tiles_dir, "val") if e.get("labels")]
     missing = [e["image"] for e, _ in scenes if not exists_or_remote(e["image"]) or not exists_or_remote(e["labels"])]
     if not scenes or missing:
         if missing:

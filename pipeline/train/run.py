@@ -1,11 +1,11 @@
 """The train stage: `run_training` builds the detector for a tiles folder, trains it (`fit`), exports it
-and calibrates its output threshold on the validation blocks (pipeline.train.calibrate). `build_for_training` and `fit_on_tiles` are
-its first two steps on their own (studies use them)."""
+and calibrates its output threshold on the validation data (pipeline.train.calibrate).
+`build_for_training` and `fit_on_tiles` are its first two steps on their own (studies use them)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import tensorflow as tf
@@ -14,6 +14,9 @@ from pipeline.config import Config
 from pipeline.model.kernels import with_xla_kernels
 from pipeline.train.checkpoints import config_fingerprint, load_best
 from pipeline.train.fit import fit
+
+if TYPE_CHECKING:
+    from pipeline.train.validation import Validation
 
 
 def run_training(config: Config, tiles_dir: Path, model_dir: Path, resume: bool = False) -> Path:
@@ -42,28 +45,28 @@ def run_training(config: Config, tiles_dir: Path, model_dir: Path, resume: bool 
         evaluate_fn=validation.ap50 if validation is not None else None,
         fingerprint=config_fingerprint(config, stats),
     )
-    calibration = None
     if validation is not None:
         load_best(model, model_dir)  # export the best validation weights, not just the last ones
-        calibration = validation.output_threshold(model, config.train.output_min_precision)
     # stored with the export as the defaults of `satdet predict` for this model
     test_time = {"normalize": config.predict.normalize, "adapt_bn": config.predict.adapt_bn, "tta": config.predict.tta}
     export_dir = export_model(model, stats, list(config.classes), model_dir / "export", int(stats["tile_size"]),
-                              calibration=calibration, predict=test_time)
-    if validation is not None:
-        calibration = _calibrate_on_scenes(config, tiles_dir, export_dir) or calibration
-    summary["output_threshold"] = calibration
+                              predict=test_time)
+    summary["output_threshold"] = None if validation is None else _calibrate(config, tiles_dir, export_dir,
+                                                                             model, validation)
     atomic_write_json(model_dir / "train_summary.json", summary)
     return model_dir
 
 
-def _calibrate_on_scenes(config: Config, tiles_dir: Path, export_dir: Path) -> dict[str, Any] | None:
-    """Replace the export's tile-level output threshold by one chosen on the validation blocks as `satdet
-    predict` delivers them (pipeline.train.calibrate); None (tile-level kept) when that is not possible."""
+def _calibrate(config: Config, tiles_dir: Path, export_dir: Path, model: keras.Model, validation: Validation
+               ) -> dict[str, Any] | None:
+    """Store the export's output threshold (pipeline.train.calibrate): chosen on the validation blocks as
+    `satdet predict` delivers them, or on the validation tiles when the source scenes are not readable here."""
     from pipeline.model.export import set_output_threshold
     from pipeline.train.calibrate import calibrate_on_val_blocks
 
     calibration = calibrate_on_val_blocks(config, tiles_dir, export_dir)
+    if calibration is None:
+        calibration = validation.output_threshold(model, config.train.output_min_precision)
     if calibration is not None:
         set_output_threshold(export_dir, calibration)
     return calibration
