@@ -26,10 +26,12 @@ import random
 import threading
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.data.copy_paste import CopyPaste, ObjectBank
 from pipeline.errors import SatdetError
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check on import
@@ -49,6 +51,8 @@ _SIZED = {"RandomSizedBBoxSafeCrop", "RandomSizedCrop", "RandomResizedCrop", "Re
 _RGB_ONLY = {"HueSaturationValue", "RGBShift", "ToGray", "ToSepia", "ColorJitter", "FancyPCA", "PlanckianJitter"}
 # Our own names, expanded into albumentations transforms.
 ALIASES = {"ScaleJitter": "Affine(scale=(1 - scale_limit, 1 + scale_limit), keep_ratio=True); default scale_limit 0.2"}
+# Our own transforms (not albumentations): applied first, on the raw tile, before the Compose.
+OWN = {"CopyPaste": "objects of the training tiles pasted into the tile (pipeline.data.copy_paste)"}
 
 
 def _albumentations() -> Any:
@@ -65,7 +69,7 @@ def valid_names() -> list[str]:
     A = _albumentations()
     from albumentations.core.transforms_interface import BasicTransform, DualTransform, ImageOnlyTransform
 
-    names = set(ALIASES)
+    names = set(ALIASES) | set(OWN)
     for name in dir(A):
         cls = getattr(A, name)
         if not inspect.isclass(cls) or not issubclass(cls, BasicTransform) or name in _UNSUPPORTED:
@@ -87,6 +91,8 @@ def _make_transform(index: int, name: str, params: dict[str, Any], tile_size: in
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise SatdetError(f"{where}: unknown augmentation; {hint}valid names: {', '.join(valid)}")
     params = dict(params)
+    if name == "CopyPaste":
+        return _copy_paste(where, params, ObjectBank((), ()))
     if name == "ScaleJitter":
         limit = float(params.pop("scale_limit", 0.2))
         if not 0 <= limit < 1:
@@ -114,6 +120,18 @@ def _make_transform(index: int, name: str, params: dict[str, Any], tile_size: in
         raise SatdetError(f"{where}: invalid params {params}: {detail}") from None
 
 
+def _copy_paste(where: str, params: dict[str, Any], bank: ObjectBank) -> CopyPaste:
+    sig = inspect.signature(CopyPaste.__init__).parameters
+    unknown = [k for k in params if k not in sig or k in ("self", "bank")]
+    if unknown:
+        accepted = [k for k in sig if k not in ("self", "bank")]
+        raise SatdetError(f"{where}: unknown params {unknown}; CopyPaste accepts: {', '.join(accepted)}")
+    try:
+        return CopyPaste(bank, **params)
+    except SatdetError as err:
+        raise SatdetError(f"{where}: {err}") from None
+
+
 class Augmenter:
     """Applies the configured Compose to one tile with an explicit seed; thread-safe (one Compose per thread).
 
@@ -122,17 +140,26 @@ class Augmenter:
     """
 
     def __init__(self, specs: Sequence[tuple[str, dict[str, Any]]], *, stats: dict[str, Any], tile_size: int,
-                 min_visibility: float) -> None:
+                 min_visibility: float, bank: ObjectBank | None = None, max_boxes: int | None = None) -> None:
         self.channels = int(stats["channels"])
         self.dtype = np.dtype(stats["dtype"])
         self.tile_size = tile_size
         self.min_visibility = min_visibility
+        self.max_boxes = max_boxes  # CopyPaste never makes a tile carry more boxes than this
         self.unit_scale = self.dtype != np.uint8  # see the module docstring
         self.out_dtype = np.dtype(np.uint8) if not self.unit_scale else np.dtype(np.float32)
         self._low = np.asarray(stats["low"], np.float32)
         self._span = np.maximum(np.asarray(stats["high"], np.float32) - self._low, np.float32(1e-12))
         kept = []
+        self._paste: CopyPaste | None = None
+        self._paste_name: list[str] = []
         for i, (name, params) in enumerate(specs):
+            if name == "CopyPaste":
+                if self._paste is not None:
+                    raise SatdetError(f"data.augment[{i}] (CopyPaste): given twice; keep one entry")
+                self._paste = _copy_paste(f"data.augment[{i}] (CopyPaste)", dict(params), bank or ObjectBank((), ()))
+                self._paste_name = [name]
+                continue
             if name in _RGB_ONLY and self.channels != 3:
                 log.warning("data.augment[%d] %s skipped: it needs 3-band RGB tiles, these have %d bands",
                             i, name, self.channels)
@@ -145,7 +172,7 @@ class Augmenter:
     @property
     def names(self) -> list[str]:
         """Names of the transforms actually applied (after RGB-only ones were skipped)."""
-        return [name for _, name, _ in self.specs]
+        return self._paste_name + [name for _, name, _ in self.specs]
 
     def _compose(self) -> Any:
         compose = getattr(self._local, "compose", None)
@@ -184,8 +211,10 @@ class Augmenter:
         rng = np.random.default_rng([int(s) & 0xFFFFFFFFFFFFFFFF for s in seed])
         compose.set_random_state(rng, random.Random(int(rng.integers(2**63))))
         x = image
+        if self._paste is not None:  # first, on the raw tile: what follows transforms the pasted objects too
+            x, boxes, labels = self._paste(x, boxes, labels, rng, self.max_boxes)
         if self.unit_scale:
-            x = ((np.clip(image.astype(np.float32), self._low, self._low + self._span) - self._low) / self._span)
+            x = ((np.clip(x.astype(np.float32), self._low, self._low + self._span) - self._low) / self._span)
         out = compose(image=x, bboxes=np.asarray(boxes, np.float32).reshape(-1, 4),
                       labels=np.asarray(labels, np.int32).reshape(-1))
         x = out["image"]
@@ -203,8 +232,12 @@ class Augmenter:
         return np.ascontiguousarray(x, self.out_dtype), out_boxes, out_labels
 
 
-def build_augmenter(config: Any, stats: dict[str, Any]) -> Augmenter | None:
-    """The training Augmenter for `config` (a Config) and the tiles' stats; None when `data.augment` is empty."""
+def build_augmenter(config: Any, stats: dict[str, Any], tiles_dir: str | Path | None = None) -> Augmenter | None:
+    """The training Augmenter for `config` (a Config) and the tiles' stats; None when `data.augment` is empty.
+
+    `tiles_dir`: the tiles folder whose training split fills CopyPaste's object bank (without it, or
+    without training tiles, CopyPaste has nothing to paste and leaves tiles unchanged).
+    """
     specs = [(spec.name, spec.params) for spec in config.data.augment]
     if not specs:
         return None
@@ -212,4 +245,12 @@ def build_augmenter(config: Any, stats: dict[str, Any]) -> Augmenter | None:
     # validate every entry (name, params) up front, with a message naming the entry
     for i, (name, params) in enumerate(specs):
         _make_transform(i, name, params, tile_size)
-    return Augmenter(specs, stats=stats, tile_size=tile_size, min_visibility=float(config.tiling.min_visibility))
+    bank, max_boxes = None, None
+    if tiles_dir is not None and any(name == "CopyPaste" for name, _ in specs):
+        from pipeline.data.tiles import resolve_max_boxes, shard_paths
+
+        bank = ObjectBank.from_shards(shard_paths(Path(tiles_dir), "train"))
+        max_boxes = resolve_max_boxes(Path(tiles_dir), config)
+        log.info("CopyPaste: %d objects from the training tiles of %s", len(bank), tiles_dir)
+    return Augmenter(specs, stats=stats, tile_size=tile_size, min_visibility=float(config.tiling.min_visibility),
+                     bank=bank, max_boxes=max_boxes)

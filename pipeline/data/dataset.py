@@ -70,7 +70,7 @@ def build_dataset(
     tiles = _Tiles.read(Path(tiles_dir), split, config)
     batch = int(batch_size or config.data.batch_size)
     seed = int(config.data.seed)
-    augmenter = build_augmenter(config, tiles.stats) if training else None
+    augmenter = build_augmenter(config, tiles.stats, tiles_dir) if training else None
 
     ds = _shuffled_records(tiles.files, config, seed) if training else _ordered_records(tiles.files)
     ds = ds.enumerate()
