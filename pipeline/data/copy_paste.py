@@ -47,7 +47,7 @@ class ObjectBank:
 
     @classmethod
     def from_tiles(cls, tiles: Iterable[dict], *, min_size: int = 8, max_objects: int = 4000) -> ObjectBank:
-        """Crops of every box of at least `min_size` px a side, up to `max_objects` (in tile order)."""
+        """Crops of every box of at least `min_size` px a side without nodata, up to `max_objects` (tile order)."""
         crops: list[np.ndarray] = []
         labels: list[int] = []
         for tile in tiles:
@@ -56,9 +56,10 @@ class ObjectBank:
             for (x0, y0, x1, y1), label in zip(np.asarray(tile["boxes"]).reshape(-1, 4), tile["labels"]):
                 c0, r0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
                 c1, r1 = min(w, int(np.ceil(x1))), min(h, int(np.ceil(y1)))
-                if c1 - c0 < min_size or r1 - r0 < min_size:
-                    continue
-                crops.append(np.array(image[r0:r1, c0:c1]))
+                crop = image[r0:r1, c0:c1]
+                if c1 - c0 < min_size or r1 - r0 < min_size or (crop.dtype.kind == "f" and not np.isfinite(crop).all()):
+                    continue  # too small, or touching nodata (NaN in float tiles)
+                crops.append(np.array(crop))
                 labels.append(int(label))
                 if len(crops) >= max_objects:
                     return cls(tuple(crops), tuple(labels))

@@ -45,6 +45,9 @@ def test_bank_holds_the_box_crops_above_the_minimum_size() -> None:
     np.testing.assert_array_equal(bank.crops[0], image[3:20, 2:14])
     np.testing.assert_array_equal(bank.crops[1], image[1:10, 20:40])  # outward-rounded edges
     assert len(ObjectBank.from_tiles([tile, tile], min_size=8, max_objects=3)) == 3
+    floats = dict(tile, image=image.astype(np.float32))
+    floats["image"][5, 5, 0] = np.nan  # nodata inside the first box
+    assert ObjectBank.from_tiles([floats], min_size=8).labels == (3,)
 
 
 def test_pasted_objects_are_drawn_and_labelled_without_hiding_existing_ones() -> None:
