@@ -152,13 +152,11 @@ class Augmenter:
         self._span = np.maximum(np.asarray(stats["high"], np.float32) - self._low, np.float32(1e-12))
         kept = []
         self._paste: CopyPaste | None = None
-        self._paste_name: list[str] = []
         for i, (name, params) in enumerate(specs):
             if name == "CopyPaste":
                 if self._paste is not None:
                     raise SatdetError(f"data.augment[{i}] (CopyPaste): given twice; keep one entry")
                 self._paste = _copy_paste(f"data.augment[{i}] (CopyPaste)", dict(params), bank or ObjectBank((), ()))
-                self._paste_name = [name]
                 continue
             if name in _RGB_ONLY and self.channels != 3:
                 log.warning("data.augment[%d] %s skipped: it needs 3-band RGB tiles, these have %d bands",
@@ -172,7 +170,7 @@ class Augmenter:
     @property
     def names(self) -> list[str]:
         """Names of the transforms actually applied (after RGB-only ones were skipped)."""
-        return self._paste_name + [name for _, name, _ in self.specs]
+        return ["CopyPaste"] * (self._paste is not None) + [name for _, name, _ in self.specs]
 
     def _compose(self) -> Any:
         compose = getattr(self._local, "compose", None)
