@@ -214,12 +214,17 @@ NormalizeOpt = Annotated[str | None, typer.Option(
 AdaptBnOpt = Annotated[bool | None, typer.Option(
     "--adapt-bn/--no-adapt-bn", help="Re-estimate BatchNorm statistics on each scene before predicting (AdaBN).")]
 TtaOpt = Annotated[bool | None, typer.Option("--tta/--no-tta", help="Test-time flips fused by WBF.")]
+MatchResOpt = Annotated[bool | None, typer.Option(
+    "--match-resolution/--no-match-resolution",
+    help="Resample scenes whose pixel size differs from the training one (default on).")]
 
 
-def _adaptation_updates(normalize: str | None, adapt_bn: bool | None, tta: bool | None) -> dict[str, Any]:
+def _adaptation_updates(normalize: str | None, adapt_bn: bool | None, tta: bool | None,
+                        match_resolution: bool | None = None) -> dict[str, Any]:
     if normalize is not None and normalize not in ("train", "scene"):
         raise SatdetError(f"--normalize {normalize!r}: use train or scene")
-    return {k: v for k, v in {"normalize": normalize, "adapt_bn": adapt_bn, "tta": tta}.items() if v is not None}
+    given = {"normalize": normalize, "adapt_bn": adapt_bn, "tta": tta, "match_resolution": match_resolution}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 @app.command("evaluate")
@@ -236,6 +241,7 @@ def evaluate_cmd(
     normalize: NormalizeOpt = None,
     adapt_bn: AdaptBnOpt = None,
     tta: TtaOpt = None,
+    match_resolution: MatchResOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Score run_dir/model/export per scene (stitched, what `predict` delivers) and per tile; writes run_dir/eval/.
@@ -257,7 +263,7 @@ def evaluate_cmd(
     cfg = cfg.model_copy(update={
         "evaluate": cfg.evaluate.model_copy(update={"scenes": [*cfg.evaluate.scenes, *extra],
                                                     "only_scenes": only_scenes or cfg.evaluate.only_scenes}),
-        "predict": cfg.predict.model_copy(update=_adaptation_updates(normalize, adapt_bn, tta)),
+        "predict": cfg.predict.model_copy(update=_adaptation_updates(normalize, adapt_bn, tta, match_resolution)),
     })
     run_dir = cfg.run_dir
     import_tensorflow()
@@ -292,6 +298,7 @@ def predict_cmd(
     normalize: NormalizeOpt = None,
     adapt_bn: AdaptBnOpt = None,
     tta: TtaOpt = None,
+    match_resolution: MatchResOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Detect objects in whole scenes with an exported model; write GeoJSON / GeoPackage with label, score, scene."""
@@ -302,7 +309,7 @@ def predict_cmd(
         raise SatdetError(f"--format {fmt!r}: use geojson or gpkg")
     updates = {k: v for k, v in {"score_threshold": score_threshold, "tile_size": tile, "overlap": overlap,
                                  "batch_size": batch}.items() if v is not None}
-    updates.update(_adaptation_updates(normalize, adapt_bn, tta))
+    updates.update(_adaptation_updates(normalize, adapt_bn, tta, match_resolution))
     cfg = PredictConfig.model_validate({**base.model_dump(), **updates})
     if cfg.score_threshold is None:
         _name_output_threshold(model_dir)

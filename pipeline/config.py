@@ -365,6 +365,11 @@ class PredictConfig(_Section):
         False, description="Re-estimate the backbone's BatchNorm statistics on the scene before predicting (AdaBN)."
     )
     tta: bool = Field(False, description="Test-time flips (4 views per window) fused by weighted box fusion.")
+    match_resolution: bool = Field(
+        True,
+        description="Resample each window to the ground pixel size the model was trained at when the scene's "
+        "differs by more than 10% (both in a projected CRS in metres); boxes come back in scene pixels.",
+    )
 
 
 # --------------------------------------------------------------------------------------------- root

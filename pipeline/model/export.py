@@ -10,7 +10,8 @@ Layout of an export directory::
     model_info.json              {format, bands, channels, dtype, tile_size, classes, stats, model_config,
                                   max_detections, output_threshold: {score_threshold, precision, recall,
                                   f1, iou, split, level, rule} or null, predict: {normalize, adapt_bn, tta}
-                                  (the run's test-time settings, `satdet predict`'s defaults) or null}
+                                  (the run's test-time settings, `satdet predict`'s defaults) or null,
+                                  pixel_size_m: ground pixel size of the training tiles in metres or null}
 
 Normalisation (pipeline.data.stats.normalize) runs inside the signature, so callers pass source pixels.
 """
@@ -65,11 +66,12 @@ class _Serving(tf.Module):
 
 
 def export_model(model: Any, stats: dict[str, Any], classes: list[str], out_dir: Path, tile_size: int,
-                 predict: dict[str, Any] | None = None) -> Path:
+                 predict: dict[str, Any] | None = None, pixel_size_m: float | None = None) -> Path:
     """Write the export directory ``out_dir`` atomically (see the module docstring); returns it.
 
     ``predict`` (the run's ``predict.normalize``, ``adapt_bn`` and ``tta``) is stored as ``predict``, its
-    default test-time settings. ``output_threshold`` starts null: `set_output_threshold` stores the one the
+    default test-time settings; ``pixel_size_m`` the training tiles' ground pixel size, to which scene
+    inference resamples other scenes (pipeline.predict.resolution). ``output_threshold`` starts null: `set_output_threshold` stores the one the
     train stage calibrates with the export (pipeline.train.calibrate)."""
     out_dir = Path(out_dir)
     if int(stats["channels"]) != model.bands:
@@ -87,6 +89,7 @@ def export_model(model: Any, stats: dict[str, Any], classes: list[str], out_dir:
         "max_detections": model.cfg.max_detections,
         "output_threshold": None,
         "predict": predict,
+        "pixel_size_m": pixel_size_m,
     }
     with atomic_dir(out_dir) as tmp:
         tf.saved_model.save(module, str(tmp), signatures={"serve": module.serve})

@@ -1,10 +1,11 @@
-"""Test-time adaptation: predict a new scene with its own normalisation, re-estimated BatchNorm, flips.
+"""Test-time adaptation: predict a new scene with its own normalisation, re-estimated BatchNorm, flips,
+at the training pixel size.
 
     base = load_for_predict(export_dir, cfg)           # the SavedModel, or its Keras model to adapt
     adapted = scene_detector(base, scene, cfg, region) # a Detector for scene inference (predict_region)
 
-Three options of `predict:` (scene normalisation on by default, the others off; docs/predict.md has their
-measured effect):
+Four options of `predict:` (scene normalisation and resolution matching on by default, the others off;
+docs/predict.md has their measured effect):
 
 * `normalize: scene` — the scene is normalised with its own per-band statistics (the same percentile
   stretch as tiles/stats.json: low/high percentiles, mean/std of the clipped pixels), measured on a
@@ -18,6 +19,8 @@ measured effect):
 * `tta: true` — every window is also predicted flipped left-right, top-bottom and both; the four views
   are fused per window with weighted box fusion, a box's score being the mean over the views (a box
   seen in one view only keeps a quarter of its score).
+* `match_resolution: true` (default) — a scene whose ground pixel size differs from the training one is
+  read in windows resampled to it (`at_training_resolution`, pipeline.predict.resolution).
 
 The exported SavedModel normalises inside with the training statistics, so adaptation runs the
 export's Keras weights (model.weights.h5) rebuilt from model_info.json (`SceneAdapter`), which
@@ -153,7 +156,7 @@ class SceneAdapter:
         if cfg.adapt_bn:
             self.adapt_bn(scene, bands, stats, cfg, region)
         detector: Any = _KerasDetector(self.model, self.info, stats, self._predict_fn)
-        return FlipTTA(detector, cfg.merge_iou) if cfg.tta else detector
+        return at_training_resolution(FlipTTA(detector, cfg.merge_iou) if cfg.tta else detector, scene, cfg)
 
     # ----------------------------------------------------------------------------------- AdaBN
     def restore_bn(self) -> None:
@@ -174,14 +177,17 @@ class SceneAdapter:
         from pipeline.data.stats import normalize_numpy
         from pipeline.geo.raster import open_raster
         from pipeline.predict.reader import read_batches
+        from pipeline.predict.resolution import resize_images, resized_shape, scene_window
         from pipeline.predict.windows import plan_windows
 
         if not self._bn:
             return 0
         tile = int(cfg.tile_size or self.info["tile_size"])
+        scale = _resolution_scale(self.info, scene, cfg)
         with open_raster(scene) as ds:
             region = region or (0, 0, ds.width, ds.height)
-        windows = plan_windows(region, tile, min(cfg.overlap, tile // 4))
+        size = scene_window(tile, scale)
+        windows = plan_windows(region, size, min(cfg.overlap, size // 4))
         if self._bn_fn is None:
             for layer in self._bn:
                 layer.momentum = 0.0  # moving statistics := this batch's statistics
@@ -196,7 +202,8 @@ class SceneAdapter:
         sums: list[np.ndarray] | None = None
         seen = 0
         for images, _masks, chunk in read_batches(str(scene), windows, bands, cfg.batch_size):
-            x = normalize_numpy(images, stats)
+            shape = resized_shape(images.shape[1], images.shape[2], scale, tile)
+            x = normalize_numpy(resize_images(images, shape), stats)
             ph, pw = (-x.shape[1]) % _SIZE_DIVISOR, (-x.shape[2]) % _SIZE_DIVISOR
             x = np.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))  # as the detector pads (zeros = mean)
             values = [v.numpy() * len(chunk) for v in self._bn_fn(tf.constant(x))]
@@ -310,7 +317,32 @@ def scene_detector(base: Any, scene: str | Path, cfg: PredictConfig,
                     scene)
     elif cfg.normalize == "scene":
         detector = SceneNormalized(base, scene_normalisation(scene, scene_bands(scene, base.info), base.info, region))
-    return FlipTTA(detector, cfg.merge_iou) if cfg.tta else detector
+    return at_training_resolution(FlipTTA(detector, cfg.merge_iou) if cfg.tta else detector, scene, cfg)
+
+
+def at_training_resolution(detector: Any, scene: str | Path, cfg: PredictConfig) -> Any:
+    """`detector`, fed `scene`'s windows resampled to the model's training pixel size when
+    `cfg.match_resolution` and the pixel sizes differ (pipeline.predict.resolution); else as it is."""
+    scale = _resolution_scale(detector.info, scene, cfg)
+    if scale == 1.0:
+        return detector
+    from pipeline.predict.resolution import Resampled
+
+    model = float(detector.info["pixel_size_m"])
+    log.warning("%s: %.3g m pixels, the model was trained at %.3g m: windows resampled x%.3g to match "
+                "(predict.match_resolution)", scene, scale * model, model, scale)
+    return Resampled(detector, scale)
+
+
+def _resolution_scale(info: dict[str, Any], scene: str | Path, cfg: PredictConfig) -> float:
+    """Scene pixel size / training pixel size (1.0: predicted as it is; always with match_resolution off)."""
+    if not cfg.match_resolution or not info.get("pixel_size_m"):
+        return 1.0
+    from pipeline.geo.raster import raster_info
+    from pipeline.predict.resolution import scene_scale
+
+    header = raster_info(scene)
+    return scene_scale(info, header.crs, header.transform)
 
 
 def _has_stats(info: dict[str, Any]) -> bool:

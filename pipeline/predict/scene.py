@@ -32,6 +32,7 @@ from pipeline.geo.raster import exists_or_remote
 from pipeline.predict.exported import Detector, check_scene, output_threshold
 from pipeline.predict.progress import SceneProgressBars, WindowProgress
 from pipeline.predict.reader import nodata_fill, read_batches
+from pipeline.predict.resolution import scene_window
 from pipeline.predict.seams import Boxes, stitch, window_boxes
 from pipeline.predict.windows import Window, plan_windows, usable_overlap
 
@@ -81,7 +82,8 @@ def predict_region(
     info = detector.info
     if cfg.score_threshold is None:
         cfg = cfg.model_copy(update={"score_threshold": output_threshold(cfg, info)})
-    size = int(cfg.tile_size or info["tile_size"])
+    # a Resampled detector (pipeline.predict.resolution) sees windows of `size` px at its training pixel size
+    size = scene_window(int(cfg.tile_size or info["tile_size"]), getattr(detector, "scale", 1.0))
     header = _read_header(scene, info)
     region = _checked_region(scene, region, header)
     windows = plan_windows(region, size, usable_overlap(cfg.overlap, size))

@@ -29,6 +29,7 @@ def run_training(config: Config, tiles_dir: Path, model_dir: Path, resume: bool 
     from pipeline.data.tiles import tile_count
     from pipeline.files import atomic_write_json
     from pipeline.model.export import export_model
+    from pipeline.predict.resolution import training_pixel_size
 
     tiles_dir, model_dir = Path(tiles_dir), Path(model_dir)
     stats = load_stats(tiles_dir)
@@ -50,7 +51,7 @@ def run_training(config: Config, tiles_dir: Path, model_dir: Path, resume: bool 
     # stored with the export as the defaults of `satdet predict` for this model
     test_time = {"normalize": config.predict.normalize, "adapt_bn": config.predict.adapt_bn, "tta": config.predict.tta}
     export_dir = export_model(model, stats, list(config.classes), model_dir / "export", int(stats["tile_size"]),
-                              predict=test_time)
+                              predict=test_time, pixel_size_m=training_pixel_size(tiles_dir))
     summary["output_threshold"] = None if validation is None else _calibrate(config, tiles_dir, export_dir,
                                                                              model, validation)
     atomic_write_json(model_dir / "train_summary.json", summary)

@@ -174,6 +174,8 @@ def test_pipeline_end_to_end_writes_every_stage_and_completes(prefect_api, scene
     assert list((run / "tiles").glob("train-*.tfrecord")) and list((run / "tiles").glob("test-*.tfrecord"))
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert result["AP50"] == metrics["scene"]["AP50"]
+    info = json.loads((run / "model" / "export" / "model_info.json").read_text())
+    assert info["pixel_size_m"] == pytest.approx(0.3)  # the synthetic scenes' ground pixel size
     assert Path(result["report"]).exists()
     assert sum(counter.values()) == 3 + 1 + 1 + 1 + 1
 

@@ -194,6 +194,33 @@ def test_adabn_averages_batch_statistics_over_all_windows(tmp_path, bn_export):
     np.testing.assert_allclose(pooled, np.mean(per_window, axis=0), rtol=1e-4, atol=1e-5)
 
 
+def test_adabn_sees_the_windows_at_the_training_pixel_size(tmp_path, bn_export):
+    from pipeline.predict.resolution import resize_images
+
+    img = np.random.default_rng(5).integers(0, 256, (3, TILE // 2, 3 * TILE // 2), dtype=np.uint8)
+    with rasterio.open(tmp_path / "coarse.tif", "w", driver="GTiff", width=img.shape[2], height=img.shape[1],
+                       count=3, dtype="uint8", crs="EPSG:32617", transform=from_origin(440000, 3280000, 0.2, 0.2)) as ds:
+        ds.write(img)
+    adapter = _adapter(bn_export)
+    adapter.info["pixel_size_m"] = 0.1  # trained at 0.1 m: the 0.2 m scene is read as 32 px windows, upsampled
+    cfg = PredictConfig(adapt_bn=True, overlap=0, normalize="train")
+    assert adapter.adapt_bn(tmp_path / "coarse.tif", [1, 2, 3], adapter.info["stats"], cfg) == 3
+    first = adapter._bn[0]
+    probe = keras_probe(adapter, first)
+    windows = np.stack([np.moveaxis(img[:, :, k * 32:(k + 1) * 32], 0, -1) for k in range(3)])
+    x = (resize_images(windows, (TILE, TILE)).astype(np.float32) - 120.0) / 60.0
+    feats = probe(x, training=True).numpy().reshape(-1, first.moving_mean.shape[0])
+    np.testing.assert_allclose(first.moving_mean.numpy(), feats.mean(0), rtol=1e-3, atol=1e-4)
+    assert adapter.adapt_bn(tmp_path / "coarse.tif", [1, 2, 3], adapter.info["stats"],
+                            cfg.model_copy(update={"match_resolution": False})) == 2  # 64 px windows as they are
+
+
+def keras_probe(adapter, layer):
+    import keras
+
+    return keras.Model(adapter.model.backbone.input, layer.input)
+
+
 # --------------------------------------------------------------------------------------------- flips
 def test_flip_tta_finds_the_same_boxes_and_averages_scores_over_views(tmp_path):
     squares = [(5, 8, 20, 30), (33, 40, 60, 55)]
