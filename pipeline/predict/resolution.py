@@ -4,7 +4,8 @@ A detector learns objects at the size in pixels its training tiles showed them: 
 at 0.1 m, 20 px at 0.2 m. A scene flown higher or lower, or from another sensor, shows the same objects at
 another size in pixels, and the model misses them. With the training pixel size stored in the export
 (`pixel_size_m` of model_info.json, from the training tiles' georeferencing), scene inference resamples
-every window to that pixel size before the model and maps the boxes back to scene pixels:
+every window to that pixel size before the model and maps the boxes back to scene pixels (window size
+and overlap count training pixels: pipeline.predict.scene):
 
     scale = scene_scale(info, crs, transform)      # scene pixel size / training pixel size (1.0: as is)
     detector = Resampled(detector, scale)           # windows of tile/scale scene px, resized to ≤ tile px

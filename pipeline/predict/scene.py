@@ -82,11 +82,13 @@ def predict_region(
     info = detector.info
     if cfg.score_threshold is None:
         cfg = cfg.model_copy(update={"score_threshold": output_threshold(cfg, info)})
-    # a Resampled detector (pipeline.predict.resolution) sees windows of `size` px at its training pixel size
-    size = scene_window(int(cfg.tile_size or info["tile_size"]), getattr(detector, "scale", 1.0))
+    # A Resampled detector (pipeline.predict.resolution) sees the windows at its training pixel size: window
+    # and overlap are counted in training pixels, so the overlap covers the same ground objects.
+    scale = getattr(detector, "scale", 1.0)
+    size = scene_window(int(cfg.tile_size or info["tile_size"]), scale)
     header = _read_header(scene, info)
     region = _checked_region(scene, region, header)
-    windows = plan_windows(region, size, usable_overlap(cfg.overlap, size))
+    windows = plan_windows(region, size, usable_overlap(round(cfg.overlap / scale), size))
     started = time.perf_counter()
     kept, seam = _detect_windows(detector, scene, windows, header.bands, cfg, progress, region[2] * region[3])
     boxes, scores, labels = stitch(kept, seam, cfg)

@@ -134,8 +134,8 @@ def test_a_coarser_scene_is_found_at_the_training_pixel_size(tmp_path):
 
 
 def test_a_finer_scene_is_downsampled_and_tta_composes(tmp_path):
-    # 2 m squares are 40 px at 0.05 m: beyond the detector's 16-40 px unless halved
-    squares = [(20, 20, 60, 60), (120, 100, 160, 140)]
+    # 2.5 m squares are 50 px at 0.05 m: beyond the detector's 16-40 px unless halved
+    squares = [(20, 20, 70, 70), (120, 100, 170, 150)]
     path = _scene(tmp_path / "fine.tif", 200, 0.05, squares)
     det = SizedSquareDetector(tile_size=64)
     det.info["pixel_size_m"] = 0.1
@@ -145,6 +145,7 @@ def test_a_finer_scene_is_downsampled_and_tta_composes(tmp_path):
     out = predict_region(adapted, path, cfg)
     np.testing.assert_allclose(_sorted(out.boxes), _sorted(squares), atol=1.0)
     assert {s[1:3] for s in det.batches} == {(64, 64)}  # 128 px scene windows at half size
+    assert out.windows == 3 * 3  # the overlap counts training pixels too: 64 scene px, columns 0, 64, 72
 
 
 def test_scenes_at_the_training_pixel_size_or_without_one_are_untouched(tmp_path):
