@@ -116,7 +116,8 @@ def render_report(metrics: dict[str, Any], config: Config) -> str:
 def _adaptation_line(metrics: dict[str, Any]) -> str:
     a = metrics.get("adaptation") or {}
     return (f"Test-time adaptation: normalisation `{a.get('normalize', 'train')}`, AdaBN "
-            f"`{a.get('adapt_bn', False)}`, flips `{a.get('tta', False)}` (see docs/predict.md).")
+            f"`{a.get('adapt_bn', False)}`, flips `{a.get('tta', False)}`, resolution matching "
+            f"`{a.get('match_resolution', False)}` (see docs/predict.md).")
 
 
 def write_report(metrics: dict[str, Any], config: Config, path: Path) -> Path:

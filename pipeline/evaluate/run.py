@@ -135,7 +135,7 @@ def run_evaluation(config: Config, model_dir: Path, tiles_dir: Path, out_dir: Pa
         "model": str(export_dir),
         "output_score_threshold": thr,
         "adaptation": {"normalize": config.predict.normalize, "adapt_bn": config.predict.adapt_bn,
-                       "tta": config.predict.tta},
+                       "tta": config.predict.tta, "match_resolution": config.predict.match_resolution},
         "scene": scene,
         "per_scene": {name: scene_summary(m) for name, m in per_scene.items()},
         "tile": tile,

@@ -173,6 +173,40 @@ def test_evaluate_command_scores_only_the_given_scene(tmp_path, monkeypatch):
     assert metrics["scene"]["AP50"] == pytest.approx(1.0)
 
 
+def test_evaluate_command_matches_the_training_pixel_size_unless_told_not_to(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from tests.predict.fakes import SizedSquareDetector, write_scene_at
+
+    squares = [(10, 10, 20, 20), (40, 70, 50, 80)]  # 2 m: 10 px at 0.2 m, 20 px at the model's 0.1 m
+    scene = write_scene_at(tmp_path / "coarse.tif", 100, 0.2, squares)
+    labels = tmp_path / "coarse.csv"
+    labels.write_text("image_path,xmin,ymin,xmax,ymax,label\n" + "".join(
+        f"coarse.tif,{x0},{y0},{x1},{y1},tree\n" for x0, y0, x1, y1 in squares))
+
+    def detector(_path):
+        det = SizedSquareDetector(tile_size=64)
+        det.info["pixel_size_m"] = 0.1
+        return det
+
+    monkeypatch.setattr(exported, "resolve_export_dir", lambda p: p)
+    monkeypatch.setattr(exported, "load_detector", detector)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"name: r\nruns_dir: {tmp_path}\nclasses: [tree, car]\npredict: {{normalize: train}}\n")
+    found = {}
+    for flag in ("--match-resolution", "--no-match-resolution"):
+        out = tmp_path / flag
+        result = CliRunner().invoke(app, ["evaluate", str(config), "--scene", str(scene), "--labels", str(labels),
+                                          "--only-scenes", "--out", str(out), flag])
+        assert result.exit_code == 0, result.output
+        metrics = json.loads((out / "metrics.json").read_text())
+        found[flag] = (metrics["scene"]["AP50"], metrics["adaptation"]["match_resolution"])
+        assert f"resolution matching `{flag == '--match-resolution'}`" in (out / "report.md").read_text()
+    assert found["--match-resolution"] == (pytest.approx(1.0), True)
+    assert found["--no-match-resolution"] == (pytest.approx(0.0), False)  # 10 px squares: too small for it
+
+
 def test_evaluate_command_needs_one_labels_per_scene(tmp_path):
     from typer.testing import CliRunner
 

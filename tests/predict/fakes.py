@@ -60,3 +60,35 @@ def write_scene(path: Path, width: int, height: int, squares: list[tuple[int, in
                        crs="EPSG:32617", transform=from_origin(*ORIGIN, PIXEL, PIXEL), nodata=nodata) as ds:
         ds.write(img)
     return path
+
+
+class SizedSquareDetector(BrightSquareDetector):
+    """Finds bright squares only when they are 16-40 px a side in the pixels it is given: a model that
+    learned objects at one size, as a real detector does."""
+
+    def predict(self, images):
+        out = super().predict(images)
+        b = out["boxes"]
+        side = np.minimum(b[..., 2] - b[..., 0], b[..., 3] - b[..., 1])
+        keep = (side >= 16) & (side <= 40)
+        for i in range(len(images)):
+            k = keep[i, : out["num_detections"][i]]
+            n = int(k.sum())
+            for key in ("boxes", "scores", "classes"):
+                valid = out[key][i, : out["num_detections"][i]][k]
+                out[key][i] = 0
+                out[key][i, :n] = valid
+            out["num_detections"][i] = n
+        return out
+
+
+def write_scene_at(path: Path, size_px: int, pixel: float, squares: list[tuple[int, int, int, int]],
+                   crs: str = "EPSG:32617") -> Path:
+    """A square 3-band uint8 GeoTIFF of `pixel` m pixels with bright squares (band 1)."""
+    img = np.full((3, size_px, size_px), 20, np.uint8)
+    for x0, y0, x1, y1 in squares:
+        img[0, y0:y1, x0:x1] = 200
+    with rasterio.open(path, "w", driver="GTiff", width=size_px, height=size_px, count=3, dtype="uint8",
+                       crs=crs, transform=from_origin(*ORIGIN, pixel, pixel)) as ds:
+        ds.write(img)
+    return path

@@ -7,8 +7,6 @@ import json
 import cv2
 import numpy as np
 import pytest
-import rasterio
-from rasterio.transform import from_origin
 
 from pipeline.config import PredictConfig
 from pipeline.predict.adapt import scene_detector
@@ -22,39 +20,9 @@ from pipeline.predict.resolution import (
 )
 from pipeline.predict.scene import predict_region
 
-from .fakes import ORIGIN, BrightSquareDetector
+from .fakes import SizedSquareDetector, write_scene_at
 
 UTM = "EPSG:32617"
-
-
-class SizedSquareDetector(BrightSquareDetector):
-    """Finds bright squares only when they are 16-40 px a side in the pixels it is given: a model that
-    learned objects at one size, as a real detector does."""
-
-    def predict(self, images):
-        out = super().predict(images)
-        b = out["boxes"]
-        side = np.minimum(b[..., 2] - b[..., 0], b[..., 3] - b[..., 1])
-        keep = (side >= 16) & (side <= 40)
-        for i in range(len(images)):
-            k = keep[i, : out["num_detections"][i]]
-            n = int(k.sum())
-            for key in ("boxes", "scores", "classes"):
-                valid = out[key][i, : out["num_detections"][i]][k]
-                out[key][i] = 0
-                out[key][i, :n] = valid
-            out["num_detections"][i] = n
-        return out
-
-
-def _scene(path, size_px: int, pixel: float, squares, crs=UTM):
-    img = np.full((3, size_px, size_px), 20, np.uint8)
-    for x0, y0, x1, y1 in squares:
-        img[0, y0:y1, x0:x1] = 200
-    with rasterio.open(path, "w", driver="GTiff", width=size_px, height=size_px, count=3, dtype="uint8",
-                       crs=crs, transform=from_origin(*ORIGIN, pixel, pixel)) as ds:
-        ds.write(img)
-    return path
 
 
 def _sorted(boxes):
@@ -119,7 +87,7 @@ def test_resize_keeps_dtype_bands_and_values():
 def test_a_coarser_scene_is_found_at_the_training_pixel_size(tmp_path):
     # 2 m squares: 20 px at the model's 0.1 m, 10 px in this 0.2 m scene (too small for the model)
     squares = [(10, 10, 20, 20), (40, 70, 50, 80), (95, 30, 105, 40)]
-    path = _scene(tmp_path / "coarse.tif", 120, 0.2, squares)
+    path = write_scene_at(tmp_path / "coarse.tif", 120, 0.2, squares)
     det = SizedSquareDetector(tile_size=64)
     det.info["pixel_size_m"] = 0.1
     as_is = PredictConfig(overlap=16, score_threshold=0.1, normalize="train", match_resolution=False)
@@ -136,7 +104,7 @@ def test_a_coarser_scene_is_found_at_the_training_pixel_size(tmp_path):
 def test_a_finer_scene_is_downsampled_and_tta_composes(tmp_path):
     # 2.5 m squares are 50 px at 0.05 m: beyond the detector's 16-40 px unless halved
     squares = [(20, 20, 70, 70), (120, 100, 170, 150)]
-    path = _scene(tmp_path / "fine.tif", 200, 0.05, squares)
+    path = write_scene_at(tmp_path / "fine.tif", 200, 0.05, squares)
     det = SizedSquareDetector(tile_size=64)
     det.info["pixel_size_m"] = 0.1
     cfg = PredictConfig(overlap=32, score_threshold=0.1, normalize="train", tta=True)
@@ -149,12 +117,12 @@ def test_a_finer_scene_is_downsampled_and_tta_composes(tmp_path):
 
 
 def test_scenes_at_the_training_pixel_size_or_without_one_are_untouched(tmp_path):
-    path = _scene(tmp_path / "same.tif", 64, 0.1, [(10, 10, 30, 30)])
+    path = write_scene_at(tmp_path / "same.tif", 64, 0.1, [(10, 10, 30, 30)])
     det = SizedSquareDetector(tile_size=64)
     det.info["pixel_size_m"] = 0.1
     cfg = PredictConfig(normalize="train")
     assert scene_detector(det, path, cfg) is det
-    degrees = _scene(tmp_path / "deg.tif", 64, 1e-6, [(10, 10, 30, 30)], crs="EPSG:4326")
+    degrees = write_scene_at(tmp_path / "deg.tif", 64, 1e-6, [(10, 10, 30, 30)], crs="EPSG:4326")
     assert scene_detector(det, degrees, cfg) is det
     del det.info["pixel_size_m"]  # an export written before pixel sizes were stored
-    assert scene_detector(det, _scene(tmp_path / "c.tif", 64, 0.3, []), cfg) is det
+    assert scene_detector(det, write_scene_at(tmp_path / "c.tif", 64, 0.3, []), cfg) is det
