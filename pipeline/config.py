@@ -194,6 +194,13 @@ class ModelConfig(_Section):
     )
     roi_size: int = Field(7, description="ROIAlign output size.")
     roi_sampling_ratio: int = Field(2, ge=1, description="ROIAlign bilinear samples per bin side (torchvision: 2).")
+    roi_align_shift: bool = Field(
+        False,
+        description="ROIAlign samples each FPN level where its cells are centred: the backbone's stride-2 padding "
+        "puts a level-l cell 0.5*(2**l - 1) px off the nominal (i + 0.5)*2**l (right/below for MobileNetV3, "
+        "left/above for ResNet-50), 3.5 px on P3. false = the nominal grid (torchvision's; measured better on "
+        "the cross-site benchmark, docs/model.md).",
+    )
     roi_align_impl: Literal["auto", "crop_and_resize", "gather"] = Field(
         "auto",
         description="ROIAlign kernel: 'crop_and_resize' (fast on CPU, no XLA), 'gather' (XLA-compatible); "

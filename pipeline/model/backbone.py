@@ -46,6 +46,11 @@ _MOBILENETS = {
     "mobilenet_v3_small": ("MobileNetV3Small", ("expanded_conv_1_depthwise_pad", "expanded_conv_3_depthwise_pad",
                                                 "expanded_conv_8_depthwise_pad"), (0, 1, 3, 8)),
 }
+# Where a level-l cell is centred: half a pixel per stride-2 layer, in the resolution that layer reads, so
+# 0.5 * (2**l - 1) px in image pixels. Keras' 'same' padding (tiny) and the applications' correct_pad
+# (MobileNetV3) put the extra pixel of a stride-2 convolution after the input: cells look right of / below
+# the nominal (i + 0.5) * 2**l (+). ResNet-50's symmetric zero padding and strided 1x1 convolutions: left/above (-).
+_CENTRE_SHIFT_SIGN = {"mobilenet_v3_large": 1.0, "mobilenet_v3_small": 1.0, "tiny": 1.0, "resnet50": -1.0}
 _RESNET_TAPS = ("conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out")
 # ImageNet RGB mean/std as fractions of 255 (torchvision), and keras' 'caffe' mean in RGB order.
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -61,6 +66,13 @@ WEIGHT_FILES = {
 def is_pretrained(weights: str | None) -> bool:
     """True unless ``weights`` is 'none' (or empty)."""
     return weights not in (None, "", "none")
+
+
+def feature_centre_shift(name: str, level: int) -> float:
+    """Pixels by which the cells of backbone level `level` (stride 2**level) are centred right of and below
+    the nominal ``(i + 0.5) * 2**level`` (negative: left of / above); the FPN level of the same stride follows
+    its lateral input. Measured in tests/model/test_feature_centres.py."""
+    return _CENTRE_SHIFT_SIGN[name] * 0.5 * (2.0**level - 1.0)
 
 
 def _per_band(values: Sequence[float], bands: int) -> np.ndarray:

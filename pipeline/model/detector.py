@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from pipeline.config import ModelConfig
 from pipeline.model.anchors import multilevel_anchors, num_anchors_per_location
-from pipeline.model.backbone import build_backbone, is_pretrained
+from pipeline.model.backbone import build_backbone, feature_centre_shift, is_pretrained
 from pipeline.model.boxes import BoxCoder, batched_nms, clip_boxes
 from pipeline.model.fpn import FPN
 from pipeline.model.kernels import resolve_kernel
@@ -131,8 +131,11 @@ class FasterRCNN(keras.Model):
     def _roi_features(self, features: list[tf.Tensor], boxes: tf.Tensor) -> tf.Tensor:
         first = self.roi_min_level - self.feature_min_level
         levels = features[first : first + self.roi_max_level - self.roi_min_level + 1]
+        shifts = None
+        if self.cfg.roi_align_shift:
+            shifts = [feature_centre_shift(self.cfg.backbone, self.roi_min_level + i) for i in range(len(levels))]
         return roi_align(levels, boxes, self.roi_min_level, self.cfg.roi_size, self.cfg.roi_sampling_ratio,
-                         self.roi_align_impl)
+                         self.roi_align_impl, shifts)
 
     # ----------------------------------------------------------------------------------- training
     def compute_losses(self, images: tf.Tensor, targets: dict[str, tf.Tensor], training: bool = True

@@ -6,6 +6,12 @@ each bin averages ``2 x 2`` bilinear samples at the sub-bin centres, and samples
 read the edge value. All levels are pooled in ONE op: each level is edge-padded by one pixel and they are
 laid side by side on a canvas, so a box's samples map to canvas coordinates of its own level.
 
+``shifts`` moves each level's samples by where its cells are really centred: Keras' stride-2 convolutions
+pad one pixel more after than before, so a MobileNetV3 level-l cell sees the image centred 0.5·(2^l − 1) px
+right of and below the nominal ``(i + ½)·2^l`` (ResNet-50's the same amount left/above; see
+``backbone.feature_centre_shift``). Without it the pooled grid of a box sits that far off the box (3.5 px
+on P3: a tenth of a 40 px crown) and the box head has to learn a correction that depends on the box size.
+
 Two implementations of the same sampling: ``crop_and_resize`` (a fused TF kernel, fast on CPU; its sample
 grid is made to coincide with ROIAlign's by choosing the crop box from the first and last sample) and
 ``gather`` (gather_nd + bilinear weights; compiles with XLA, where crop_and_resize has no kernel).
@@ -14,6 +20,7 @@ grid is made to coincide with ROIAlign's by choosing the crop box from the first
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import keras
 import tensorflow as tf
@@ -92,13 +99,15 @@ def _canvas(features: list[tf.Tensor]) -> tuple[tf.Tensor, list[int]]:
 
 
 def _sample_grid(
-    boxes: tf.Tensor, levels: tf.Tensor, min_level: int, offsets: list[int], output_size: int, sampling_ratio: int
+    boxes: tf.Tensor, levels: tf.Tensor, min_level: int, offsets: list[int], output_size: int, sampling_ratio: int,
+    shifts: Sequence[float] | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
     """Canvas coordinates of the first sample (y, x) and the sample spacing (dy, dx) of each box [K]."""
     scale = tf.pow(2.0, -tf.cast(levels, tf.float32))
     offset = tf.gather(tf.constant(offsets, tf.float32), levels - min_level)
-    x0 = boxes[:, 0] * scale - 0.5
-    y0 = boxes[:, 1] * scale - 0.5
+    shift = 0.0 if shifts is None else tf.gather(tf.constant(shifts, tf.float32), levels - min_level)
+    x0 = (boxes[:, 0] - shift) * scale - 0.5
+    y0 = (boxes[:, 1] - shift) * scale - 0.5
     step_x = (boxes[:, 2] - boxes[:, 0]) * scale / (output_size * sampling_ratio)
     step_y = (boxes[:, 3] - boxes[:, 1]) * scale / (output_size * sampling_ratio)
     # +1: the edge padding row/column in front of every level.
@@ -112,9 +121,12 @@ def roi_align(
     output_size: int = 7,
     sampling_ratio: int = 2,
     impl: str = "crop_and_resize",
+    shifts: Sequence[float] | None = None,
 ) -> tf.Tensor:
     """Multi-level ROIAlign of ``boxes [B, R, 4]`` (xyxy image px) over FPN ``features`` (levels from
-    ``min_level``, finest first) -> ``[B, R, output_size, output_size, C]`` float32.
+    ``min_level``, finest first) -> ``[B, R, output_size, output_size, C]`` float32. ``shifts``: per level,
+    the pixels by which its cells are centred right of / below the nominal centre (|shift| < half a cell);
+    the samples move with them.
 
     Boxes must lie inside the image (proposals and GT are clipped), so samples stay within one pixel of
     their level — exactly the range the edge padding reproduces.
@@ -126,7 +138,7 @@ def roi_align(
     canvas, offsets = _canvas([tf.cast(f, tf.float32) for f in features])
     image_index = tf.repeat(tf.range(b), r)
     n = output_size * sampling_ratio
-    y, x, dy, dx = _sample_grid(flat, levels, min_level, offsets, output_size, sampling_ratio)
+    y, x, dy, dx = _sample_grid(flat, levels, min_level, offsets, output_size, sampling_ratio, shifts)
     if impl == "crop_and_resize":
         hc, wc = canvas.shape[1] - 1, canvas.shape[2] - 1
         crop = tf.stack([y / hc, x / wc, (y + (n - 1) * dy) / hc, (x + (n - 1) * dx) / wc], axis=1)

@@ -111,6 +111,8 @@ def config_fingerprint(config: Any, stats: dict[str, Any] | None = None) -> dict
     """
     model = config.model.model_dump(mode="json")
     fp: dict[str, Any] = {f"model.{k}": v for k, v in model.items() if k not in HARMLESS_MODEL_KEYS}
+    if not model["roi_align_shift"]:  # the default, and the behaviour before the option: older runs match
+        del fp["model.roi_align_shift"]
     fp["train.optimizer.name"] = config.train.optimizer.name
     fp["train.clip.strategy"] = config.train.clip.strategy
     if config.train.ema_decay > 0:  # the checkpoints hold a weight average (absent: fingerprints of older runs match)

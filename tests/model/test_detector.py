@@ -117,9 +117,10 @@ def test_tf_checkpoint_restores_weights_and_the_sampling_rng(tmp_path, make_conf
     assert all(np.array_equal(w.numpy(), g.numpy()) for w, g in zip(want, got))
 
 
-def test_a_box_head_level_below_the_anchor_levels(tiles, make_config):
+@pytest.mark.parametrize("shift", [False, True])
+def test_a_box_head_level_below_the_anchor_levels(tiles, make_config, shift):
     images, targets = tiles
-    cfg = make_config(min_level=3, max_level=5, anchor_sizes=[16, 32, 64], roi_min_level=2)
+    cfg = make_config(min_level=3, max_level=5, anchor_sizes=[16, 32, 64], roi_min_level=2, roi_align_shift=shift)
     model = build_detector(cfg, num_classes=2, bands=3)
     # P2 is built for the box head only: no 3x3 output convolution, no anchors
     assert model.fpn.light_levels == 1 and not hasattr(model.fpn, "output_0") and hasattr(model.fpn, "output_1")
@@ -129,12 +130,15 @@ def test_a_box_head_level_below_the_anchor_levels(tiles, make_config):
     assert len(model._rpn_levels(features)) == 3 and model._anchors(model._rpn_levels(features))[0].shape[0] == (
         (x.shape[1] // 8) ** 2 * model.num_anchors)
     # a 20 px box pools from P2 (level floor(4 + log2(20 / 224)) clamped to 2), a 120 px one from P3
+    from pipeline.model.backbone import feature_centre_shift
     from pipeline.model.roi import roi_align
 
     boxes = tf.constant([[[10.0, 10.0, 30.0, 30.0], [4.0, 4.0, 124.0, 124.0]]])
     pooled = model._roi_features(features, boxes).numpy()
-    np.testing.assert_allclose(pooled[0, 0], roi_align(features[:1], boxes[:, :1], 2)[0, 0].numpy(), atol=1e-5)
-    np.testing.assert_allclose(pooled[0, 1], roi_align(features[1:2], boxes[:, 1:], 3)[0, 0].numpy(), atol=1e-5)
+    for i, level in enumerate((2, 3)):  # with the shift, each level sampled where its cells are centred
+        shifts = [feature_centre_shift(cfg.backbone, level)] if shift else None
+        want = roi_align(features[i : i + 1], boxes[:, i : i + 1], level, shifts=shifts)[0, 0].numpy()
+        np.testing.assert_allclose(pooled[0, i], want, atol=1e-5)
     # the P2 lateral learns through the box head
     with tf.GradientTape() as tape:
         losses = model.compute_losses(tf.constant(images), targets, training=True)

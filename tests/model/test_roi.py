@@ -33,8 +33,8 @@ def _bilinear(feat, y, x):
             + feat[y1, x0] * ly * (1 - lx) + feat[y1, x1] * ly * lx)
 
 
-def _roi_align_numpy(feat, box, scale, size=7, ratio=2):
-    x0, y0, x1, y1 = (c * scale - 0.5 for c in box)
+def _roi_align_numpy(feat, box, scale, size=7, ratio=2, shift=0.0):
+    x0, y0, x1, y1 = ((c - shift) * scale - 0.5 for c in box)
     bin_h, bin_w = (y1 - y0) / size, (x1 - x0) / size
     out = np.zeros((size, size, feat.shape[2]))
     for ph in range(size):
@@ -55,7 +55,8 @@ def _level_numpy(box):
 
 
 @pytest.mark.parametrize("impl", ["crop_and_resize", "gather"])
-def test_roi_align_matches_numpy_reference_on_all_levels(impl):
+@pytest.mark.parametrize("sign", [0.0, 1.0, -1.0])  # no shift; MobileNetV3's; ResNet-50's
+def test_roi_align_matches_numpy_reference_on_all_levels(impl, sign):
     rng = np.random.default_rng(0)
     image = 512  # level 5 needs sqrt(area) >= 448
     features = [rng.normal(size=(2, image // 2**lvl, image // 2**lvl, 3)).astype(np.float32) for lvl in (2, 3, 4, 5)]
@@ -66,14 +67,15 @@ def test_roi_align_matches_numpy_reference_on_all_levels(impl):
     boxes = np.concatenate([xy, xy + wh], -1).astype(np.float32)
     boxes[0, 0] = [0, 0, image, image]
     boxes[1, 0] = [500, 3, 512, 4]
-    got = roi_align([tf.constant(f) for f in features], tf.constant(boxes), 2, 7, 2, impl).numpy()
+    shifts = [sign * 0.5 * (2**lvl - 1) for lvl in (2, 3, 4, 5)] if sign else None
+    got = roi_align([tf.constant(f) for f in features], tf.constant(boxes), 2, 7, 2, impl, shifts).numpy()
     assert got.shape == (2, 12, 7, 7, 3)
     levels_seen = set()
     for b in range(2):
         for r in range(12):
             lvl = _level_numpy(boxes[b, r])
             levels_seen.add(lvl)
-            want = _roi_align_numpy(features[lvl - 2][b], boxes[b, r], 2.0**-lvl)
+            want = _roi_align_numpy(features[lvl - 2][b], boxes[b, r], 2.0**-lvl, shift=sign * 0.5 * (2**lvl - 1))
             np.testing.assert_allclose(got[b, r], want, atol=1e-4, rtol=1e-4)
     assert levels_seen == {2, 3, 4, 5}
 

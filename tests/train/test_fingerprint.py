@@ -95,3 +95,18 @@ def test_switching_weight_averaging_at_resume_is_named_and_its_decay_may_change(
     other_decay = averaged.model_copy(deep=True)
     other_decay.train.ema_decay = 0.999
     check_fingerprint(tmp_path, config_fingerprint(other_decay, STATS), resuming=True)
+
+
+def test_runs_from_before_the_roi_align_shift_resume_and_switching_it_is_named(tmp_path):
+    """Off (the default) leaves the fingerprint as runs made before the option wrote it; turning it on or off
+    at resume changes what the box head was trained on, and the error names it."""
+    cfg = tiny_config()
+    assert not cfg.model.roi_align_shift
+    check_fingerprint(tmp_path, config_fingerprint(cfg, STATS), resuming=False)
+    assert "model.roi_align_shift" not in json.loads((tmp_path / "checkpoints" / FINGERPRINT_FILE).read_text())
+    shifted = cfg.model_copy(deep=True)
+    shifted.model.roi_align_shift = True
+    assert "model.roi_align_shift: (unset) -> true" in _error(tmp_path, shifted)
+    check_fingerprint(tmp_path, config_fingerprint(shifted, STATS), resuming=False)
+    assert "model.roi_align_shift: true -> (unset)" in _error(tmp_path, cfg)
+    check_fingerprint(tmp_path, config_fingerprint(shifted, STATS), resuming=True)  # same setting: no error
