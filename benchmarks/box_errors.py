@@ -26,26 +26,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / np.maximum(area_a[:, None] + area_b[None] - inter, 1e-9)
-
-
 def matched_pairs(gt: np.ndarray, det: np.ndarray, scores: np.ndarray, threshold: float, min_iou: float = 0.3
                   ) -> list[tuple[np.ndarray, np.ndarray, float]]:
     """(detection, ground truth, IoU) of each greedy score-ordered match at IoU >= min_iou."""
+    from pipeline.predict.iou import iou_matrix
+
     keep = scores >= threshold
-    det, scores = det[keep], scores[keep]
+    det = det[keep][np.argsort(-scores[keep], kind="stable")]
     if len(gt) == 0 or len(det) == 0:
         return []
-    iou = pairwise_iou(det[np.argsort(-scores)], gt)
-    det = det[np.argsort(-scores)]
+    iou = iou_matrix(det, gt)
     free = np.ones(len(gt), bool)
     out = []
     for i in range(len(det)):

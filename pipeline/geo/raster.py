@@ -222,10 +222,5 @@ def check_raster(path: str | Path, progress: Callable[[int], None] | None = None
     return info
 
 
-def pixel_size_m(info: RasterInfo) -> float:
-    """Pixel edge length in the CRS unit (metres for projected CRSs); used to convert metre tile sizes."""
-    return float(abs(info.res[0]))
-
-
 def exists_or_remote(path: str | Path) -> bool:
     return _is_remote(path) or os.path.exists(path)

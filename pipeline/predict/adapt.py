@@ -175,7 +175,7 @@ class SceneAdapter:
         import tensorflow as tf
 
         from pipeline.data.stats import normalize_numpy
-        from pipeline.geo.raster import open_raster
+        from pipeline.geo.raster import raster_info
         from pipeline.predict.reader import read_batches
         from pipeline.predict.resolution import resize_images, resized_shape, scene_window
         from pipeline.predict.windows import plan_windows
@@ -183,9 +183,9 @@ class SceneAdapter:
         if not self._bn:
             return 0
         tile = int(cfg.tile_size or self.info["tile_size"])
-        scale = _resolution_scale(self.info, scene, cfg)
-        with open_raster(scene) as ds:
-            region = region or (0, 0, ds.width, ds.height)
+        header = raster_info(scene)
+        region = region or (0, 0, header.width, header.height)
+        scale = _resolution_scale(self.info, header, cfg)
         size = scene_window(tile, scale)
         windows = plan_windows(region, size, min(cfg.overlap, size // 4))
         if self._bn_fn is None:
@@ -323,10 +323,14 @@ def scene_detector(base: Any, scene: str | Path, cfg: PredictConfig,
 def at_training_resolution(detector: Any, scene: str | Path, cfg: PredictConfig) -> Any:
     """`detector`, fed `scene`'s windows resampled to the model's training pixel size when
     `cfg.match_resolution` and the pixel sizes differ (pipeline.predict.resolution); else as it is."""
-    scale = _resolution_scale(detector.info, scene, cfg)
+    if not cfg.match_resolution or not detector.info.get("pixel_size_m"):
+        return detector  # no header read
+    from pipeline.geo.raster import raster_info
+    from pipeline.predict.resolution import Resampled
+
+    scale = _resolution_scale(detector.info, raster_info(scene), cfg)
     if scale == 1.0:
         return detector
-    from pipeline.predict.resolution import Resampled
 
     model = float(detector.info["pixel_size_m"])
     log.warning("%s: %.3g m pixels, the model was trained at %.3g m: windows resampled x%.3g to match "
@@ -334,14 +338,13 @@ def at_training_resolution(detector: Any, scene: str | Path, cfg: PredictConfig)
     return Resampled(detector, scale)
 
 
-def _resolution_scale(info: dict[str, Any], scene: str | Path, cfg: PredictConfig) -> float:
-    """Scene pixel size / training pixel size (1.0: predicted as it is; always with match_resolution off)."""
-    if not cfg.match_resolution or not info.get("pixel_size_m"):
+def _resolution_scale(info: dict[str, Any], header: Any, cfg: PredictConfig) -> float:
+    """Scene pixel size / training pixel size for a scene with RasterInfo `header` (1.0: predicted as it
+    is; always with match_resolution off)."""
+    if not cfg.match_resolution:
         return 1.0
-    from pipeline.geo.raster import raster_info
     from pipeline.predict.resolution import scene_scale
 
-    header = raster_info(scene)
     return scene_scale(info, header.crs, header.transform)
 
 
