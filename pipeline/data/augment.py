@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.copy_paste import CopyPaste, ObjectBank
+from pipeline.data.mosaic import Mosaic, TileBank
 from pipeline.errors import SatdetError
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check on import
@@ -52,7 +53,8 @@ _RGB_ONLY = {"HueSaturationValue", "RGBShift", "ToGray", "ToSepia", "ColorJitter
 # Our own names, expanded into albumentations transforms.
 ALIASES = {"ScaleJitter": "Affine(scale=(1 - scale_limit, 1 + scale_limit), keep_ratio=True); default scale_limit 0.2"}
 # Our own transforms (not albumentations): applied first, on the raw tile, before the Compose.
-OWN = {"CopyPaste": "objects of the training tiles pasted into the tile (pipeline.data.copy_paste)"}
+OWN = {"Mosaic": "four training tiles cut together at their own scale (pipeline.data.mosaic)",
+       "CopyPaste": "objects of the training tiles pasted into the tile (pipeline.data.copy_paste)"}
 
 
 def _albumentations() -> Any:
@@ -91,8 +93,8 @@ def _make_transform(index: int, name: str, params: dict[str, Any], tile_size: in
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise SatdetError(f"{where}: unknown augmentation; {hint}valid names: {', '.join(valid)}")
     params = dict(params)
-    if name == "CopyPaste":
-        return _copy_paste(where, params, ObjectBank((), ()))
+    if name in OWN:
+        return _own_transform(where, name, params, None)
     if name == "ScaleJitter":
         limit = float(params.pop("scale_limit", 0.2))
         if not 0 <= limit < 1:
@@ -120,16 +122,23 @@ def _make_transform(index: int, name: str, params: dict[str, Any], tile_size: in
         raise SatdetError(f"{where}: invalid params {params}: {detail}") from None
 
 
-def _copy_paste(where: str, params: dict[str, Any], bank: ObjectBank) -> CopyPaste:
-    sig = inspect.signature(CopyPaste.__init__).parameters
+def _own_transform(where: str, name: str, params: dict[str, Any], bank: ObjectBank | TileBank | None,
+                   **defaults: Any) -> CopyPaste | Mosaic:
+    """CopyPaste or Mosaic from YAML params, with errors that name the entry (`bank` None = empty)."""
+    cls = CopyPaste if name == "CopyPaste" else Mosaic
+    sig = inspect.signature(cls.__init__).parameters
     unknown = [k for k in params if k not in sig or k in ("self", "bank")]
     if unknown:
         accepted = [k for k in sig if k not in ("self", "bank")]
-        raise SatdetError(f"{where}: unknown params {unknown}; CopyPaste accepts: {', '.join(accepted)}")
+        raise SatdetError(f"{where}: unknown params {unknown}; {name} accepts: {', '.join(accepted)}")
+    if bank is None:
+        bank = ObjectBank((), ()) if cls is CopyPaste else TileBank((), (), ())
     try:
-        return CopyPaste(bank, **params)
+        return cls(bank, **{**defaults, **params})
     except SatdetError as err:
         raise SatdetError(f"{where}: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise SatdetError(f"{where}: invalid params {params}: {err}") from None
 
 
 class Augmenter:
@@ -140,23 +149,26 @@ class Augmenter:
     """
 
     def __init__(self, specs: Sequence[tuple[str, dict[str, Any]]], *, stats: dict[str, Any], tile_size: int,
-                 min_visibility: float, bank: ObjectBank | None = None, max_boxes: int | None = None) -> None:
+                 min_visibility: float, bank: ObjectBank | None = None, tile_bank: TileBank | None = None,
+                 max_boxes: int | None = None) -> None:
         self.channels = int(stats["channels"])
         self.dtype = np.dtype(stats["dtype"])
         self.tile_size = tile_size
         self.min_visibility = min_visibility
-        self.max_boxes = max_boxes  # CopyPaste never makes a tile carry more boxes than this
+        self.max_boxes = max_boxes  # Mosaic and CopyPaste never make a tile carry more boxes than this
         self.unit_scale = self.dtype != np.uint8  # see the module docstring
         self.out_dtype = np.dtype(np.uint8) if not self.unit_scale else np.dtype(np.float32)
         self._low = np.asarray(stats["low"], np.float32)
         self._span = np.maximum(np.asarray(stats["high"], np.float32) - self._low, np.float32(1e-12))
         kept = []
-        self._paste: CopyPaste | None = None
+        self._own: dict[str, CopyPaste | Mosaic] = {}
         for i, (name, params) in enumerate(specs):
-            if name == "CopyPaste":
-                if self._paste is not None:
-                    raise SatdetError(f"data.augment[{i}] (CopyPaste): given twice; keep one entry")
-                self._paste = _copy_paste(f"data.augment[{i}] (CopyPaste)", dict(params), bank or ObjectBank((), ()))
+            if name in OWN:
+                if name in self._own:
+                    raise SatdetError(f"data.augment[{i}] ({name}): given twice; keep one entry")
+                self._own[name] = _own_transform(f"data.augment[{i}] ({name})", name, dict(params),
+                                                 bank if name == "CopyPaste" else tile_bank,
+                                                 **({"min_visibility": min_visibility} if name == "Mosaic" else {}))
                 continue
             if name in _RGB_ONLY and self.channels != 3:
                 log.warning("data.augment[%d] %s skipped: it needs 3-band RGB tiles, these have %d bands",
@@ -170,7 +182,7 @@ class Augmenter:
     @property
     def names(self) -> list[str]:
         """Names of the transforms actually applied (after RGB-only ones were skipped)."""
-        return ["CopyPaste"] * (self._paste is not None) + [name for _, name, _ in self.specs]
+        return [name for name in OWN if name in self._own] + [name for _, name, _ in self.specs]
 
     def _compose(self) -> Any:
         compose = getattr(self._local, "compose", None)
@@ -209,8 +221,9 @@ class Augmenter:
         rng = np.random.default_rng([int(s) & 0xFFFFFFFFFFFFFFFF for s in seed])
         compose.set_random_state(rng, random.Random(int(rng.integers(2**63))))
         x = image
-        if self._paste is not None:  # first, on the raw tile: what follows transforms the pasted objects too
-            x, boxes, labels = self._paste(x, boxes, labels, rng, self.max_boxes)
+        for name in OWN:  # first, on the raw tile (Mosaic, then CopyPaste): what follows transforms their result
+            if name in self._own:
+                x, boxes, labels = self._own[name](x, boxes, labels, rng, self.max_boxes)
         if self.unit_scale:
             x = ((np.clip(x.astype(np.float32), self._low, self._low + self._span) - self._low) / self._span)
         out = compose(image=x, bboxes=np.asarray(boxes, np.float32).reshape(-1, 4),
@@ -233,8 +246,8 @@ class Augmenter:
 def build_augmenter(config: Any, stats: dict[str, Any], tiles_dir: str | Path | None = None) -> Augmenter | None:
     """The training Augmenter for `config` (a Config) and the tiles' stats; None when `data.augment` is empty.
 
-    `tiles_dir`: the tiles folder whose training split fills CopyPaste's object bank (without it, or
-    without training tiles, CopyPaste has nothing to paste and leaves tiles unchanged).
+    `tiles_dir`: the tiles folder whose training split fills the banks of CopyPaste (objects) and Mosaic
+    (tiles); without it, or without training tiles, they have nothing to use and leave tiles unchanged.
     """
     specs = [(spec.name, spec.params) for spec in config.data.augment]
     if not specs:
@@ -243,12 +256,18 @@ def build_augmenter(config: Any, stats: dict[str, Any], tiles_dir: str | Path | 
     # validate every entry (name, params) up front, with a message naming the entry
     for i, (name, params) in enumerate(specs):
         _make_transform(i, name, params, tile_size)
-    bank, max_boxes = None, None
-    if tiles_dir is not None and any(name == "CopyPaste" for name, _ in specs):
+    names = {name for name, _ in specs}
+    bank, tile_bank, max_boxes = None, None, None
+    if tiles_dir is not None and names & set(OWN):
         from pipeline.data.tiles import resolve_max_boxes, shard_paths
 
-        bank = ObjectBank.from_shards(shard_paths(Path(tiles_dir), "train"))
+        train_shards = shard_paths(Path(tiles_dir), "train")
         max_boxes = resolve_max_boxes(Path(tiles_dir), config)
-        log.info("CopyPaste: %d objects from the training tiles of %s", len(bank), tiles_dir)
+        if "CopyPaste" in names:
+            bank = ObjectBank.from_shards(train_shards)
+            log.info("CopyPaste: %d objects from the training tiles of %s", len(bank), tiles_dir)
+        if "Mosaic" in names:
+            tile_bank = TileBank.from_shards(train_shards)
+            log.info("Mosaic: %d training tiles of %s", len(tile_bank), tiles_dir)
     return Augmenter(specs, stats=stats, tile_size=tile_size, min_visibility=float(config.tiling.min_visibility),
-                     bank=bank, max_boxes=max_boxes)
+                     bank=bank, tile_bank=tile_bank, max_boxes=max_boxes)

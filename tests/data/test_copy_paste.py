@@ -125,7 +125,7 @@ def test_augmenter_fills_its_bank_from_the_training_tiles_and_is_deterministic(r
                                           {"name": "CopyPaste", "params": {"p": 1.0, "max_objects": 3}}])
     augmenter = build_augmenter(cfg, load_stats(rgb_tiles), rgb_tiles)
     assert augmenter.names == ["CopyPaste", "HorizontalFlip"]  # our transform runs first
-    bank = augmenter._paste.bank
+    bank = augmenter._own["CopyPaste"].bank
     assert 0 < len(bank) <= sum(TRAIN_COUNTS)  # train split only, boxes of at least 8 px
     image = np.zeros((64, 64, 3), np.uint8)
     none = (np.zeros((0, 4), np.float32), np.zeros(0, np.int32))
