@@ -47,7 +47,7 @@ def run_dataset_check(config: Any, tiles_dir: str | Path, *, scan_shards: bool =
     rows = read_manifest(tiles_dir)
     max_boxes = resolve_max_boxes(tiles_dir, config)
     tile_size = resolve_tile_size(stats, config)
-    augmenter = build_augmenter(config, stats)  # validates the list; the CopyPaste bank is read by training
+    augmenter = build_augmenter(config, stats)  # validates the list; the banks of CopyPaste and Mosaic are read by training
     splits = {
         split: _check_split(tiles_dir, split, [r for r in rows if r["split"] == split], stats, tile_size,
                             max_boxes, scan_shards)
