@@ -243,6 +243,13 @@ class Augmenter:
         return np.ascontiguousarray(x, self.out_dtype), out_boxes, out_labels
 
 
+@functools.lru_cache(maxsize=2)
+def _read_bank(kind: type[ObjectBank | TileBank], shards: tuple[tuple[str, int], ...]) -> ObjectBank | TileBank:
+    """`kind.from_shards` once per set of shard files and their modification times: training builds its
+    input pipeline twice (once for the element spec), and the banks are read-only."""
+    return kind.from_shards([path for path, _ in shards])
+
+
 def build_augmenter(config: Any, stats: dict[str, Any], tiles_dir: str | Path | None = None) -> Augmenter | None:
     """The training Augmenter for `config` (a Config) and the tiles' stats; None when `data.augment` is empty.
 
@@ -261,13 +268,13 @@ def build_augmenter(config: Any, stats: dict[str, Any], tiles_dir: str | Path | 
     if tiles_dir is not None and names & set(OWN):
         from pipeline.data.tiles import resolve_max_boxes, shard_paths
 
-        train_shards = shard_paths(Path(tiles_dir), "train")
+        shards = tuple((str(f), f.stat().st_mtime_ns) for f in sorted(shard_paths(Path(tiles_dir), "train")))
         max_boxes = resolve_max_boxes(Path(tiles_dir), config)
         if "CopyPaste" in names:
-            bank = ObjectBank.from_shards(train_shards)
+            bank = _read_bank(ObjectBank, shards)
             log.info("CopyPaste: %d objects from the training tiles of %s", len(bank), tiles_dir)
         if "Mosaic" in names:
-            tile_bank = TileBank.from_shards(train_shards)
+            tile_bank = _read_bank(TileBank, shards)
             log.info("Mosaic: %d training tiles of %s", len(tile_bank), tiles_dir)
     return Augmenter(specs, stats=stats, tile_size=tile_size, min_visibility=float(config.tiling.min_visibility),
                      bank=bank, tile_bank=tile_bank, max_boxes=max_boxes)

@@ -40,11 +40,13 @@ class TileBank:
         return len(self.images)
 
     @classmethod
-    def from_tiles(cls, tiles: Iterable[dict], *, max_tiles: int = 1000) -> TileBank:
-        """The first `max_tiles` tiles (tile order)."""
+    def from_tiles(cls, tiles: Iterable[dict], *, max_tiles: int = 1000, max_bytes: int = 512 << 20) -> TileBank:
+        """The first tiles (tile order), at most `max_tiles` of them and `max_bytes` of pixels."""
         images, boxes, labels = [], [], []
+        size = 0
         for tile in tiles:
-            if len(images) >= max_tiles:
+            size += np.asarray(tile["image"]).nbytes
+            if len(images) >= max_tiles or (images and size > max_bytes):
                 break
             images.append(np.asarray(tile["image"]))
             boxes.append(np.asarray(tile["boxes"], np.float32).reshape(-1, 4))
@@ -52,7 +54,7 @@ class TileBank:
         return cls(tuple(images), tuple(boxes), tuple(labels))
 
     @classmethod
-    def from_shards(cls, files: Iterable[str | Path], *, max_tiles: int = 1000) -> TileBank:
+    def from_shards(cls, files: Iterable[str | Path], *, max_tiles: int = 1000, max_bytes: int = 512 << 20) -> TileBank:
         """The tiles of these TFRecord shards (the training split), read once in NumPy."""
         import tensorflow as tf
 
@@ -60,7 +62,7 @@ class TileBank:
 
         files = [str(f) for f in sorted(files)]
         records = tf.data.TFRecordDataset(files).take(max_tiles).as_numpy_iterator() if files else iter(())
-        return cls.from_tiles((decode_tile_numpy(r) for r in records), max_tiles=max_tiles)
+        return cls.from_tiles((decode_tile_numpy(r) for r in records), max_tiles=max_tiles, max_bytes=max_bytes)
 
 
 def cut_boxes(boxes: np.ndarray, window: tuple[int, int, int, int], min_visibility: float) -> np.ndarray:

@@ -40,6 +40,9 @@ def test_cut_boxes_keeps_what_stays_visible_enough() -> None:
 def test_bank_reads_tiles_up_to_its_cap() -> None:
     tiles = [_tile(i, (1, 1, 5, 5)) for i in range(4)]
     assert len(TileBank.from_tiles(tiles)) == 4 and len(TileBank.from_tiles(tiles, max_tiles=2)) == 2
+    one = tiles[0]["image"].nbytes
+    assert len(TileBank.from_tiles(tiles, max_bytes=3 * one)) == 3  # a memory cap too
+    assert len(TileBank.from_tiles(tiles, max_bytes=1)) == 1  # never empty when there are tiles
 
 
 def test_mosaic_pieces_keep_their_scale_and_their_boxes() -> None:
@@ -124,6 +127,8 @@ def test_augmenter_fills_its_tile_bank_from_the_training_split(rgb_tiles: Path) 
     assert augmenter.names == ["Mosaic", "CopyPaste", "VerticalFlip"]  # ours first, mosaic before pasting
     mosaic = augmenter._own["Mosaic"]
     assert len(mosaic.bank) == len(TRAIN_COUNTS)  # the train split, every tile, empty ones too
+    again = build_augmenter(cfg, load_stats(rgb_tiles), rgb_tiles)._own["Mosaic"].bank
+    assert again is mosaic.bank  # read once for the same shards (training builds its pipeline twice)
     assert mosaic.min_visibility == cfg.tiling.min_visibility  # the tiling's rule unless given
     tile = mosaic.bank.images[0]
     none = (np.zeros((0, 4), np.float32), np.zeros(0, np.int32))
