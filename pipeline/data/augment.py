@@ -136,7 +136,7 @@ def _own_transform(where: str, name: str, params: dict[str, Any], bank: ObjectBa
     try:
         return cls(bank, **{**defaults, **params})
     except SatdetError as err:
-        raise SatdetError(f"{where}: {err}") from None
+        raise SatdetError(f"{where}: {str(err).removeprefix(f'{name}: ')}") from None
     except (TypeError, ValueError) as err:
         raise SatdetError(f"{where}: invalid params {params}: {err}") from None
 

@@ -111,7 +111,7 @@ def test_bad_copy_paste_params_name_the_entry(rgb_tiles: Path, params: dict, mes
     cfg = make_config(rgb_tiles, augment=[{"name": "CopyPaste", "params": params}])
     with pytest.raises(SatdetError, match=r"data\.augment\[0\] \(CopyPaste\)") as err:
         build_augmenter(cfg, load_stats(rgb_tiles), rgb_tiles)
-    assert message in str(err.value)
+    assert f"(CopyPaste): {message}" in str(err.value)
 
 
 def test_copy_paste_given_twice_is_an_error(rgb_tiles: Path) -> None:

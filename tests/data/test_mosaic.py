@@ -110,7 +110,7 @@ def test_bad_mosaic_params_name_the_entry(rgb_tiles: Path, params: dict, message
     cfg = make_config(rgb_tiles, augment=[{"name": "Mosaic", "params": params}])
     with pytest.raises(SatdetError, match=r"data\.augment\[0\] \(Mosaic\)") as err:
         build_augmenter(cfg, load_stats(rgb_tiles), rgb_tiles)
-    assert message in str(err.value)
+    assert f"(Mosaic): {message}" in str(err.value)  # the reason right after the entry, said once
 
 
 def test_mosaic_given_twice_is_an_error(rgb_tiles: Path) -> None:
