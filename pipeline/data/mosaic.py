@@ -13,7 +13,7 @@ rectangles (each 25-75% of the side); the tile itself fills a random one, three 
 others. Each rectangle is cut from a random place of its source at the source's own scale — objects
 keep their size in pixels, which is what ground-sampled imagery needs (YOLO's mosaic halves every
 object). A box cut by a rectangle's edge survives when at least `min_visibility` of it stays in view,
-clipped to the rectangle (the tiling rule for tile edges). Runs on the raw tile, before CopyPaste and
+clipped to the rectangle (the tiling's edge policy, pipeline.geo.edges). Runs on the raw tile, before CopyPaste and
 the albumentations transforms, in the tiles' dtype.
 """
 
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import SatdetError
+from pipeline.geo.edges import EdgePolicy
 
 
 @dataclass(frozen=True)
@@ -65,17 +66,6 @@ class TileBank:
         return cls.from_tiles((decode_tile_numpy(r) for r in records), max_tiles=max_tiles, max_bytes=max_bytes)
 
 
-def cut_boxes(boxes: np.ndarray, window: tuple[int, int, int, int], min_visibility: float) -> np.ndarray:
-    """Indices of `boxes` (N, 4) that keep at least `min_visibility` of their area inside `window` (x0, y0, x1, y1)."""
-    x0, y0, x1, y1 = window
-    clipped = np.stack([np.clip(boxes[:, 0], x0, x1), np.clip(boxes[:, 1], y0, y1),
-                        np.clip(boxes[:, 2], x0, x1), np.clip(boxes[:, 3], y0, y1)], axis=1)
-    area = np.maximum((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 1e-6)
-    kept = (clipped[:, 2] - clipped[:, 0]) * (clipped[:, 3] - clipped[:, 1])
-    wide = (clipped[:, 2] - clipped[:, 0] >= 1) & (clipped[:, 3] - clipped[:, 1] >= 1)
-    return np.flatnonzero(wide & (kept / area >= min_visibility - 1e-6))
-
-
 class Mosaic:
     """With probability `p`, fill the tile with four rectangles from it and three bank tiles (module docstring)."""
 
@@ -89,6 +79,7 @@ class Mosaic:
         if not 0 < lo <= hi < 1:
             raise SatdetError(f"Mosaic: centre_range must be two fractions 0 < low <= high < 1, got {centre_range}")
         self.bank, self.p, self.min_visibility, self.centre_range = bank, float(p), float(min_visibility), (lo, hi)
+        self.edges = EdgePolicy(self.min_visibility)
 
     def _sources(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, rng: np.random.Generator
                  ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -127,10 +118,9 @@ class Mosaic:
             sx, sy = int(rng.integers(width - w + 1)), int(rng.integers(height - h + 1))
             out[y0:y1, x0:x1] = src[sy : sy + h, sx : sx + w]
             moved = np.asarray(src_boxes, np.float32).reshape(-1, 4) + np.array([x0 - sx, y0 - sy] * 2, np.float32)
-            keep = cut_boxes(moved, (x0, y0, x1, y1), self.min_visibility)
-            clipped = np.clip(moved[keep], [x0, y0, x0, y0], [x1, y1, x1, y1]).astype(np.float32)
-            new_boxes.append(clipped)
-            new_labels.append(np.asarray(src_labels).reshape(-1)[keep].astype(labels.dtype))
+            kept = self.edges.apply(moved, (x0, y0, x1, y1))
+            new_boxes.append(kept.boxes.astype(np.float32))
+            new_labels.append(np.asarray(src_labels).reshape(-1)[kept.index].astype(labels.dtype))
         out_boxes, out_labels = np.concatenate(new_boxes), np.concatenate(new_labels)
         if max_boxes is not None and len(out_boxes) > max_boxes:
             return image, boxes, labels

@@ -9,9 +9,10 @@ import pytest
 
 from pipeline.data.augment import build_augmenter
 from pipeline.data.dataset import build_dataset
-from pipeline.data.mosaic import Mosaic, TileBank, cut_boxes
+from pipeline.data.mosaic import Mosaic, TileBank
 from pipeline.data.stats import load_stats
 from pipeline.errors import SatdetError
+from pipeline.geo.edges import EdgePolicy
 
 from .conftest import TRAIN_COUNTS, make_config
 
@@ -29,12 +30,17 @@ def _bank() -> TileBank:
     return TileBank.from_tiles([_tile(10 * (i + 1), (20, 22, 32, 30), label=i + 1) for i in range(5)])
 
 
-def test_cut_boxes_keeps_what_stays_visible_enough() -> None:
+def test_mosaic_cuts_boxes_with_the_tiling_edge_policy() -> None:
     boxes = np.array([[10, 10, 20, 20], [25, 0, 35, 10], [28, 0, 38, 10], [0, 0, 30, 30]], np.float32)
     window = (0, 0, 30, 30)
-    np.testing.assert_array_equal(cut_boxes(boxes, window, 0.5), [0, 1, 3])  # 50% in view stays, 20% goes
-    np.testing.assert_array_equal(cut_boxes(boxes, window, 0.0), [0, 1, 2, 3])
-    np.testing.assert_array_equal(cut_boxes(boxes, (0, 0, 30, 30), 1.0), [0, 3])
+
+    def cut(min_visibility: float) -> np.ndarray:
+        return Mosaic(_bank(), min_visibility=min_visibility).edges.apply(boxes, window).index
+
+    assert Mosaic(_bank(), min_visibility=0.3).edges == EdgePolicy(0.3)
+    np.testing.assert_array_equal(cut(0.5), [0, 1, 3])  # 50% in view stays, 20% goes
+    np.testing.assert_array_equal(cut(0.0), [0, 1, 2, 3])
+    np.testing.assert_array_equal(cut(1.0), [0, 3])
 
 
 def test_bank_reads_tiles_up_to_its_cap() -> None:
