@@ -7,8 +7,10 @@
 Uses configs/neon-trees-cross-site.yaml (the shipped NEON recipe with OSBS_029 held out as the test
 split). After training, the exported model is scored at scene level (what `satdet predict` delivers):
 on the Florida plot (cross-site) and on the Yellowstone validation blocks (same site), once per
-test-time variant: training vs scene normalisation, AdaBN on/off, flips on/off. Prints one JSON object:
-per variant, AP / AP50 / AP75, best F1 and precision/recall at the model's output threshold.
+test-time variant: training vs scene normalisation, AdaBN on/off, flips on/off. Also on the three
+plots of data/neon-eval (other sites and another part of Yellowstone, never trained on; --no-other-sites
+skips them): per plot and pooled. Prints one JSON object: per variant, AP / AP50 / AP75, best F1 and
+precision/recall at the model's output threshold.
 """
 
 from __future__ import annotations
@@ -36,8 +38,12 @@ VARIANTS = {  # every option explicit: the defaults may change (predict.normaliz
 }
 
 
-def _summary(metrics: dict) -> dict:
-    scene = metrics.get("scene") or {}
+OTHER_SITES = ROOT / "data" / "neon-eval"
+OTHER_SCENES = ("SOAP_061.png", "2018_SJER_3_252000_4107000_image_477.tif", "2019_YELL_2_541000_4977000_image_crop.png")
+
+
+def _summary(metrics: dict, scene: dict | None = None) -> dict:
+    scene = scene if scene is not None else metrics.get("scene") or {}
     out = {k: round(float(scene[k]), 4) for k in ("AP", "AP50", "AP75") if k in scene}
     best = (scene.get("prf") or {}).get("0.5") or {}
     at = (scene.get("at_output_threshold") or {}).get("0.5") or {}
@@ -56,12 +62,14 @@ def main() -> None:
     ap.add_argument("--skip-train", action="store_true", help="Score the run's existing export only.")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="Comma-separated subset of " + ", ".join(VARIANTS))
     ap.add_argument("--set", "-s", action="append", default=[], help="Config override section.key=value.")
+    ap.add_argument("--no-other-sites", action="store_true", help="Skip the data/neon-eval plots.")
     args = ap.parse_args()
 
     from pipeline.tf_quiet import import_tensorflow
 
     import_tensorflow()
-    from pipeline.config import load_config, save_config
+    from pipeline.config import SceneConfig, load_config, save_config
+    from pipeline.data.tiles import tile_count
     from pipeline.evaluate.run import run_evaluation
     from pipeline.geo.tiling import run_tiling
     from pipeline.train.run import run_training
@@ -86,16 +94,36 @@ def main() -> None:
         options = VARIANTS[name]
         row = {}
         for label, split in (("cross_site", "test"), ("same_site_val", "val")):
+            if not tile_count(run_dir / "tiles", split):  # e.g. configs/neon-trees.yaml: no held-out scene
+                continue
             c = cfg.model_copy(update={"predict": cfg.predict.model_copy(update=options),
                                        "evaluate": cfg.evaluate.model_copy(update={"split": split})})
             started = time.perf_counter()
             out = run_evaluation(c, run_dir / "model", run_dir / "tiles", run_dir / f"eval-{name}-{split}")
             row[label] = _summary(json.loads((out / "metrics.json").read_text()))
             row[label]["seconds"] = round(time.perf_counter() - started, 1)
+        if not args.no_other_sites:
+            row["other_sites"] = _other_sites(cfg, options, run_dir, name, run_evaluation, SceneConfig)
         result["variants"][name] = row
-        print(f"{name}: cross-site AP50 {row['cross_site'].get('AP50')}  same-site AP50 "
-              f"{row['same_site_val'].get('AP50')}", file=sys.stderr)
+        others = row.get("other_sites", {}).get("pooled", {}).get("AP50")
+        print(f"{name}: cross-site AP50 {row.get('cross_site', {}).get('AP50')}  same-site AP50 "
+              f"{row.get('same_site_val', {}).get('AP50')}  other plots AP50 {others}", file=sys.stderr)
     print(json.dumps(result, indent=2))
+
+
+def _other_sites(cfg, options: dict, run_dir: Path, name: str, run_evaluation, scene_config) -> dict:
+    """Score the data/neon-eval plots whole (evaluate.scenes, only_scenes): per plot and pooled."""
+    scenes = [scene_config(image=OTHER_SITES / f, labels=OTHER_SITES / f"{Path(f).stem}.pixel.csv")
+              for f in OTHER_SCENES]
+    c = cfg.model_copy(update={"predict": cfg.predict.model_copy(update=options),
+                               "evaluate": cfg.evaluate.model_copy(update={"scenes": scenes, "only_scenes": True})})
+    started = time.perf_counter()
+    out = run_evaluation(c, run_dir / "model", run_dir / "tiles", run_dir / f"eval-{name}-other-sites")
+    metrics = json.loads((out / "metrics.json").read_text())
+    row = {scene: _summary(metrics, m) for scene, m in metrics["per_scene"].items()}
+    row["pooled"] = _summary(metrics)
+    row["pooled"]["seconds"] = round(time.perf_counter() - started, 1)
+    return row
 
 
 if __name__ == "__main__":

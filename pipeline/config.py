@@ -123,6 +123,12 @@ class DataConfig(_Section):
     shuffle_buffer: int = Field(512, gt=0, description="tf.data shuffle buffer in tiles.")
     augment: list[AugmentSpec] = Field(default_factory=_default_augment, description="Training augmentations.")
     seed: int = Field(0, description="Seed for shuffling and augmentation.")
+    normalize: Literal["global", "scene"] = Field(
+        "global",
+        description="How training tiles are normalised: 'global' = one percentile stretch over all training "
+        "scenes (stats.json); 'scene' = each tile with its own scene's stretch, as predict.normalize: scene "
+        "treats a new scene (docs/data.md, 'Normalisation').",
+    )
 
 
 # --------------------------------------------------------------------------------------------- model

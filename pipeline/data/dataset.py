@@ -6,7 +6,8 @@ Order of operations (training):
   → one parallel map: parse + decode → nodata (NaN in float tiles) := band mean → albumentations via
     tf.numpy_function → normalise → pad
     (with augmentation, normalisation runs inside the numpy_function: stats.numpy_normalizer, the
-    same formula as stats.normalize, a cv2.LUT for uint8 instead of five elementwise TF ops)
+    same formula as stats.normalize, a cv2.LUT for uint8 instead of five elementwise TF ops;
+    with data.normalize: scene each tile takes its own scene's numbers, stats.json `scenes`)
   → batch (drop_remainder, static shapes) → prefetch.
 Validation/test: shards read one after another in sorted order, no shuffle, no repeat, no
 augmentation, and the last batch keeps the remainder (it is smaller; nothing is padded with fake
@@ -30,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.data.records import ERROR_TAG, parse_tile
-from pipeline.data.stats import fill_nonfinite, load_stats, normalize, numpy_normalizer
+from pipeline.data.stats import fill_nonfinite, load_stats, normalize, numpy_normalizer, scene_stats_of
 from pipeline.data.tiles import (
     MANIFEST_FILE,
     SPLITS,
@@ -89,6 +90,7 @@ class _Tiles:
 
     stats: dict[str, Any]
     files: list[Path]
+    scene_stats: dict[str, dict[str, Any]] | None  # data.normalize: scene: each scene's own numbers
     max_boxes: int
     tile_size: int
     channels: int
@@ -103,10 +105,23 @@ class _Tiles:
         if not files:
             raise SatdetError(f"{tiles_dir}: no {split}-*.tfrecord shards; re-run the tiling stage or check the split")
         max_boxes = resolve_max_boxes(tiles_dir, config)
+        rows = None
         if (tiles_dir / MANIFEST_FILE).is_file():  # catch oversized tiles here, by name, before any graph runs
-            check_box_counts((r for r in read_manifest(tiles_dir) if r["split"] == split), max_boxes, tiles_dir)
-        return cls(stats, files, max_boxes, resolve_tile_size(stats, config), int(stats["channels"]),
-                   str(stats["dtype"]))
+            rows = [r for r in read_manifest(tiles_dir) if r["split"] == split]
+            check_box_counts(rows, max_boxes, tiles_dir)
+        return cls(stats, files, _scene_stats(tiles_dir, rows, stats, config), max_boxes,
+                   resolve_tile_size(stats, config), int(stats["channels"]), str(stats["dtype"]))
+
+
+def _scene_stats(tiles_dir: Path, rows: list[dict[str, Any]] | None, stats: dict[str, Any], config: Any
+                 ) -> dict[str, dict[str, Any]] | None:
+    """With data.normalize: scene, the numbers of every scene of the split's manifest `rows` (all scenes of
+    stats.json without a manifest), checked here so a tile never meets a missing scene inside the graph;
+    None with data.normalize: global."""
+    if config.data.normalize != "scene":
+        return None
+    names = {r["scene"] for r in rows} if rows is not None else set(stats.get("scenes") or {})
+    return {name: scene_stats_of(stats, name, str(tiles_dir / "stats.json")) for name in sorted(names)}
 
 
 def _shuffled_records(files: list[Path], config: Any, seed: int) -> Any:
@@ -136,17 +151,22 @@ def _element_fn(tiles: _Tiles, augmenter: Any, seed: int, with_ids: bool) -> Cal
     """The map function: (stream position, serialised tile) → (normalised image, padded targets)."""
     import tensorflow as tf
 
-    augment_np = _augment_np(augmenter, tiles.stats, seed) if augmenter is not None else None
+    normalizers = _normalizers(tiles)
+    augment_np = _augment_np(augmenter, normalizers, seed) if augmenter is not None else None
 
     def element(index: Any, serialized: Any) -> tuple[Any, dict[str, Any]]:
         tile = parse_tile(serialized, tiles.dtype, tiles.channels)
         image, boxes, labels = _checked(tile, tiles.tile_size, tiles.max_boxes)
+        # stats.json `scenes` is keyed by scene; with data.normalize: global every key maps to the pooled numbers
+        scene = tile["scene"] if tiles.scene_stats is not None else tf.constant(b"")
         if np.dtype(tiles.dtype).kind == "f":  # nodata pixels of float tiles are NaN: the band mean, before augmenting
             image = fill_nonfinite(image, tiles.stats)
         if augment_np is not None:
             image, boxes, labels = tf.numpy_function(
-                augment_np, [image, boxes, labels, index], [tf.float32, tf.float32, tf.int32], stateful=False
+                augment_np, [image, boxes, labels, index, scene], [tf.float32, tf.float32, tf.int32], stateful=False
             )
+        elif tiles.scene_stats is not None:
+            image = tf.numpy_function(lambda x, name: normalizers[name](x), [image, scene], tf.float32, stateful=False)
         else:
             image = normalize(image, tiles.stats)
         image = tf.ensure_shape(image, [tiles.tile_size, tiles.tile_size, tiles.channels])
@@ -158,14 +178,22 @@ def _element_fn(tiles: _Tiles, augmenter: Any, seed: int, with_ids: bool) -> Cal
     return element
 
 
-def _augment_np(augmenter: Any, stats: dict[str, Any], seed: int) -> Callable[..., tuple]:
-    """The numpy_function body: augment with seed (data.seed, stream position), then normalise."""
-    fast_normalize = numpy_normalizer(stats)
+def _normalizers(tiles: _Tiles) -> dict[bytes, Callable[[np.ndarray], np.ndarray]]:
+    """NumPy normalisers by scene name (bytes, as a numpy_function gets a string tensor); one entry, b"", for
+    the pooled statistics with data.normalize: global."""
+    if tiles.scene_stats is None:
+        return {b"": numpy_normalizer(tiles.stats)}
+    return {name.encode(): numpy_normalizer(stats) for name, stats in tiles.scene_stats.items()}
 
-    def augment_np(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, index: np.int64) -> tuple:
+
+def _augment_np(augmenter: Any, normalizers: dict[bytes, Callable], seed: int) -> Callable[..., tuple]:
+    """The numpy_function body: augment with seed (data.seed, stream position), then normalise (with the
+    tile's scene's numbers under data.normalize: scene)."""
+
+    def augment_np(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, index: np.int64, scene: bytes) -> tuple:
         # normalising here (cv2.LUT for uint8) is one pass instead of five TF elementwise ops
         image, boxes, labels = augmenter(image, boxes, labels, (seed, int(index)))
-        return fast_normalize(image), boxes, labels
+        return normalizers[scene](image), boxes, labels
 
     return augment_np
 

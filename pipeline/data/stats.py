@@ -65,6 +65,18 @@ def validate_stats(stats: Any, source: str = "stats") -> None:
         raise SatdetError(f"{source}: 'std' must be >= 0 for every band")
 
 
+def scene_stats_of(stats: dict[str, Any], scene: str, source: str = "stats") -> dict[str, Any]:
+    """`stats` with the per-band numbers of training scene `scene` (stats.json `scenes`, written by tiling)
+    in place of the pooled ones: what `data.normalize: scene` normalises that scene's tiles with."""
+    own = (stats.get("scenes") or {}).get(scene)
+    if own is None:
+        raise SatdetError(f"{source}: no statistics of scene {scene!r} (tiles written before data.normalize: scene "
+                          "existed?); re-run the tiling stage, or set data.normalize: global")
+    merged = {**stats, **{k: own[k] for k in _PER_BAND}}
+    validate_stats(merged, f"{source} (scene {scene!r})")
+    return merged
+
+
 def _constants(stats: dict[str, Any]) -> tuple[np.ndarray, ...]:
     low, high, mean, std = (np.asarray(stats[k], np.float32) for k in _PER_BAND)
     std = np.where(std > 0, std, np.float32(1.0))  # a constant band would divide by zero

@@ -80,9 +80,10 @@ def _crops(blocks: list[Any], size: int, n: int) -> list[tuple[Any, tuple[int, i
 
 def plot_examples(blocks: list[Any], config: Config, path: Path, score_threshold: float, size: int = 400) -> Path:
     """Scene crops with ground truth (red) and detections at `score_threshold` (green)."""
-    import rasterio
     from matplotlib.patches import Rectangle
     from rasterio.windows import Window
+
+    from pipeline.geo.raster import open_raster
 
     plt = _pyplot()
     crops = _crops(blocks, size, max(config.evaluate.examples, 1))
@@ -94,7 +95,7 @@ def plot_examples(blocks: list[Any], config: Config, path: Path, score_threshold
     if not crops:
         axes[0, 0].text(0.5, 0.5, "no evaluated scene blocks", ha="center", va="center")
     for ax, (b, (x0, y0, w, h)) in zip(axes.ravel(), crops):
-        with rasterio.open(b.image) as ds:
+        with open_raster(b.image) as ds:
             ax.imshow(_display(ds.read(window=Window(x0, y0, w, h))), extent=(x0, x0 + w, y0 + h, y0))
         for box in b.gt_boxes:
             ax.add_patch(Rectangle(box[:2], box[2] - box[0], box[3] - box[1], fill=False, ec="red", lw=1.2))

@@ -15,7 +15,7 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.errors import SatdetError
 from pipeline.files import atomic_dir, atomic_write_json
-from pipeline.geo.pixel_sample import stats_json, stats_sample
+from pipeline.geo.pixel_sample import per_scene_stats, stats_json, stats_sample
 from pipeline.geo.plan import SPLITS, splits_json
 from pipeline.geo.shards import manifest_line, manifest_record
 from pipeline.geo.workdir import PLAN_FILE
@@ -39,7 +39,10 @@ def finalize_tiling(config: Config, scene_outputs: list[Path], out_dir: Path) ->
         renames = _link_shards(scenes, tmp)
         _write_manifest(scenes, renames, tmp / "manifest.jsonl")
         samples, sample_warnings = stats_sample([p for _, p in scenes], plan["channels"])
-        atomic_write_json(tmp / "stats.json", stats_json(samples, plan, tuple(config.tiling.stats_percentiles)))
+        percentiles = tuple(config.tiling.stats_percentiles)
+        stats = stats_json(samples, plan, percentiles)
+        stats["scenes"] = per_scene_stats([(m["scene"], p) for m, p in scenes], percentiles)
+        atomic_write_json(tmp / "stats.json", stats)
         warnings = [w for m, _ in scenes for w in m["warnings"]] + sample_warnings
         atomic_write_json(tmp / "qa.json", _qa_json([m for m, _ in scenes], list(config.classes), warnings))
         atomic_write_json(tmp / "splits.json", splits_json(plan))

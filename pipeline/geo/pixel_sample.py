@@ -1,6 +1,7 @@
 """The pixel sample behind stats.json: per scene, a fixed number of pixel positions drawn in every chosen
 tile (nodata ones left out), at most `tiling.stats_max_pixels` kept; stats.json computed from the train
-tiles' pixels of all scenes (the normalisation contract, pipeline.data.stats).
+tiles' pixels of all scenes (the normalisation contract, pipeline.data.stats), and each scene's own numbers
+from all its tiles' pixels (`scenes`, for `data.normalize: scene`).
 
 The draws follow the scene's tile order, not its reading order: the k-th chosen tile of a scene takes the
 k-th draw of the scene's generator whichever row block cuts it (`sample_rng`), so row blocks sample the
@@ -75,6 +76,19 @@ def stats_sample(scene_dirs: list[Path], channels: int) -> tuple[np.ndarray, lis
         return samples, []
     other = np.concatenate([np.load(p / "sample_other.npy") for p in scene_dirs])
     return other, ["no training tiles: stats.json computed from the val/test tiles"]
+
+
+def per_scene_stats(scenes: list[tuple[str, Path]], percentiles: tuple[float, float]) -> dict[str, dict[str, Any]]:
+    """Each scene's own per-band numbers (stats.json `scenes`), from all its tiles' pixel sample (train, val
+    and test: no labels are involved), for `data.normalize: scene`. A scene without sampled pixels is left out."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, folder in scenes:
+        pixels = np.concatenate([np.load(folder / f"sample_{k}.npy") for k in SAMPLE_KEYS])
+        if len(pixels):
+            low, high, mean, std = percentile_stats(pixels, percentiles)
+            out[name] = {"low": low.tolist(), "high": high.tolist(), "mean": mean.tolist(), "std": std.tolist(),
+                         "pixels_sampled": len(pixels)}
+    return out
 
 
 def stats_json(samples: np.ndarray, plan: dict[str, Any], percentiles: tuple[float, float]) -> dict[str, Any]:

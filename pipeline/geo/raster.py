@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
-from rasterio.errors import RasterioIOError
+from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.windows import Window
 
 try:  # GDAL errors rasterio raises as they are (without its RasterioIOError wrapper)
@@ -88,7 +89,9 @@ def open_raster(path: str | Path) -> Iterator[Any]:
         raise SatdetError(f"{path}: image file not found; check tiling.scenes[].image (relative paths are "
                           "resolved against the config file's folder)")
     try:
-        ds = rasterio.open(path)
+        with warnings.catch_warnings():  # a scene in pixel coordinates is valid here: said where it matters
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            ds = rasterio.open(path)
     except READ_ERRORS as err:
         raise SatdetError(f"{path}: not a readable raster ({gdal_detail(err)}); give a GeoTIFF or another GDAL "
                           f"raster (if it is one, it is corrupt: download it again, check with `gdalinfo {path}`)"
