@@ -61,11 +61,14 @@ def _block_metrics(blocks: list[BlockResult], config: Config) -> dict[str, Any]:
 
 
 def evaluate_tiles(config: Config, detector: Any, tiles_dir: Path, batch: int = 8) -> tuple[dict[str, Any] | None, int]:
-    """Per-tile metrics on the split's shards through the exported model; (None, 0) when there are none."""
+    """Per-tile metrics on the split's shards through the exported model; (None, 0) when there are none.
+    A model trained with data.normalize: scene gets each tile moved to its scene's stretch, as in training."""
     import tensorflow as tf
 
     from pipeline.data.records import decode_tile_numpy
     from pipeline.data.tiles import shard_paths
+
+    per_scene = _per_scene_detectors(detector, tiles_dir)
 
     shards = shard_paths(tiles_dir, config.evaluate.split)
     if not shards:
@@ -75,10 +78,10 @@ def evaluate_tiles(config: Config, detector: Any, tiles_dir: Path, batch: int = 
     pending: list[dict[str, Any]] = []
 
     def flush() -> None:
-        shapes = {t["image"].shape for t in pending}
-        for shape in shapes:  # tiles of one run share a size; group anyway to be safe
-            group = [t for t in pending if t["image"].shape == shape]
-            out = detector.predict(np.stack([t["image"] for t in group]))
+        keys = {(t["image"].shape, t["scene"] if per_scene else "") for t in pending}
+        for shape, scene in keys:  # tiles of one run share a size; group anyway to be safe
+            group = [t for t in pending if t["image"].shape == shape and (not per_scene or t["scene"] == scene)]
+            out = (per_scene(scene) if per_scene else detector).predict(np.stack([t["image"] for t in group]))
             for n, t in enumerate(group):
                 k = int(out["num_detections"][n])
                 gts.append(ImageBoxes(t["boxes"], t["labels"], t["id"]))
@@ -162,6 +165,18 @@ def _write_detections_above(blocks: list[BlockResult], threshold: float, path: P
         write_detections(shown, path, "geojson")
     else:
         atomic_write_text(path, '{"type": "FeatureCollection", "features": []}\n')
+
+
+def _per_scene_detectors(detector: Any, tiles_dir: Path) -> Any:
+    """For a model trained with data.normalize: scene, a function scene name -> `detector` fed that scene's
+    stretch (stats.json `scenes`); None for any other model."""
+    if detector.info.get("training_normalize") != "scene":
+        return None
+    from pipeline.data.stats import load_stats, scene_stats_of
+    from pipeline.predict.adapt import SceneNormalized
+
+    stats = load_stats(tiles_dir)
+    return lambda scene: SceneNormalized(detector, scene_stats_of(stats, scene, str(tiles_dir / "stats.json")))
 
 
 def scene_summary(m: dict[str, Any]) -> dict[str, Any]:

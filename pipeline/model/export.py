@@ -66,12 +66,14 @@ class _Serving(tf.Module):
 
 
 def export_model(model: Any, stats: dict[str, Any], classes: list[str], out_dir: Path, tile_size: int,
-                 predict: dict[str, Any] | None = None, pixel_size_m: float | None = None) -> Path:
+                 predict: dict[str, Any] | None = None, pixel_size_m: float | None = None,
+                 training_normalize: str = "global") -> Path:
     """Write the export directory ``out_dir`` atomically (see the module docstring); returns it.
 
     ``predict`` (the run's ``predict.normalize``, ``adapt_bn`` and ``tta``) is stored as ``predict``, its
     default test-time settings; ``pixel_size_m`` the training tiles' ground pixel size, to which scene
-    inference resamples other scenes (pipeline.predict.resolution). ``output_threshold`` starts null: `set_output_threshold` stores the one the
+    inference resamples other scenes (pipeline.predict.resolution); ``training_normalize`` the run's
+    ``data.normalize`` (``scene``: trained on each scene's own stretch). ``output_threshold`` starts null: `set_output_threshold` stores the one the
     train stage calibrates with the export (pipeline.train.calibrate)."""
     out_dir = Path(out_dir)
     if int(stats["channels"]) != model.bands:
@@ -90,6 +92,7 @@ def export_model(model: Any, stats: dict[str, Any], classes: list[str], out_dir:
         "output_threshold": None,
         "predict": predict,
         "pixel_size_m": pixel_size_m,
+        "training_normalize": training_normalize,
     }
     with atomic_dir(out_dir) as tmp:
         tf.saved_model.save(module, str(tmp), signatures={"serve": module.serve})

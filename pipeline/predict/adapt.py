@@ -317,6 +317,10 @@ def scene_detector(base: Any, scene: str | Path, cfg: PredictConfig,
                     scene)
     elif cfg.normalize == "scene":
         detector = SceneNormalized(base, scene_normalisation(scene, scene_bands(scene, base.info), base.info, region))
+    elif base.info.get("training_normalize") == "scene":
+        log.warning("%s: the model trained on each scene's own stretch (data.normalize: scene) and is given the "
+                    "pooled training one (predict.normalize: train); predict.normalize: scene matches its training",
+                    scene)
     return at_training_resolution(FlipTTA(detector, cfg.merge_iou) if cfg.tta else detector, scene, cfg)
 
 

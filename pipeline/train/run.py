@@ -51,7 +51,8 @@ def run_training(config: Config, tiles_dir: Path, model_dir: Path, resume: bool 
     # stored with the export as the defaults of `satdet predict` for this model
     test_time = {"normalize": config.predict.normalize, "adapt_bn": config.predict.adapt_bn, "tta": config.predict.tta}
     export_dir = export_model(model, stats, list(config.classes), model_dir / "export", int(stats["tile_size"]),
-                              predict=test_time, pixel_size_m=training_pixel_size(tiles_dir))
+                              predict=test_time, pixel_size_m=training_pixel_size(tiles_dir),
+                              training_normalize=config.data.normalize)
     summary["output_threshold"] = None if validation is None else _calibrate(config, tiles_dir, export_dir,
                                                                              model, validation)
     atomic_write_json(model_dir / "train_summary.json", summary)

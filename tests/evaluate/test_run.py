@@ -226,3 +226,43 @@ def test_missing_evaluation_scene_is_a_one_line_error(tmp_path, monkeypatch):
                                              "scenes": [{"image": str(tmp_path / "gone.tif"), "labels": "x.csv"}]})
     with pytest.raises(SatdetError, match="gone.tif: evaluation scene not found"):
         evaluate_scenes(cfg, BrightSquareDetector(), tmp_path)
+
+
+class _Recorder:
+    """A raw-pixel detector that records what it is given and finds nothing."""
+
+    def __init__(self, info):
+        self.info, self.seen = info, []
+
+    def predict(self, images):
+        self.seen.append(np.asarray(images).copy())
+        b = len(images)
+        return {"boxes": np.zeros((b, 1, 4), np.float32), "scores": np.zeros((b, 1), np.float32),
+                "classes": np.zeros((b, 1), np.int32), "num_detections": np.zeros(b, np.int32)}
+
+
+@pytest.mark.parametrize("training_normalize", ["global", "scene"])
+def test_tile_evaluation_feeds_each_tile_the_stretch_the_model_trained_with(tmp_path, training_normalize):
+    from pipeline.data.stats import normalize_numpy, scene_stats_of
+    from pipeline.evaluate.run import evaluate_tiles
+
+    pooled = {"dtype": "uint8", "bands": [1, 2, 3], "channels": 3, "percentiles": [1, 99],
+              "low": [0.0] * 3, "high": [255.0] * 3, "mean": [120.0] * 3, "std": [50.0] * 3,
+              "scenes": {"s": {"low": [20.0] * 3, "high": [120.0] * 3, "mean": [60.0] * 3, "std": [25.0] * 3}}}
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    (tiles / "stats.json").write_text(json.dumps(pooled))
+    img = np.random.default_rng(0).integers(10, 130, (64, 64, 3), dtype=np.uint8)
+    with tf.io.TFRecordWriter(str(tiles / "test-00000-of-00001.tfrecord")) as w:
+        w.write(encode_tile(img, np.array([[10.0, 10.0, 26.0, 24.0]]), np.array([1]), "t0", "s"))
+    det = _Recorder({"stats": pooled, "training_normalize": training_normalize, "dtype": "uint8"})
+    cfg = Config.model_validate({"name": "x", "classes": ["tree"], "evaluate": {"split": "test"}})
+    _, n = evaluate_tiles(cfg, det, tiles)
+    assert n == 1 and len(det.seen) == 1
+    given = normalize_numpy(det.seen[0][0], pooled)  # what the export's own (pooled) normalisation makes of it
+    own = normalize_numpy(img, scene_stats_of(pooled, "s"))
+    if training_normalize == "scene":  # the scene's stretch, up to the uint8 rounding of the moved pixels
+        assert np.abs(given - own).max() < 0.05
+    else:
+        np.testing.assert_array_equal(det.seen[0][0], img)
+        assert np.abs(given - own).max() > 0.5

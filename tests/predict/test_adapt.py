@@ -136,6 +136,24 @@ def test_scene_normalisation_makes_detections_blind_to_a_scene_wide_brightness_c
     np.testing.assert_allclose(_rows(d), rows_a, atol=0.05)
 
 
+def test_a_model_trained_on_each_scenes_stretch_says_so_when_given_the_pooled_one(tmp_path, caplog):
+    import json
+
+    export = _export(tmp_path, "tiny", _stats("uint8", [5.0] * 3, [250.0] * 3, [100.0] * 3, [40.0] * 3))
+    assert json.loads((export / "model_info.json").read_text())["training_normalize"] == "global"
+    info = json.loads((export / "model_info.json").read_text())
+    (export / "model_info.json").write_text(json.dumps({**info, "training_normalize": "scene"}))
+    scene = _write(tmp_path / "s.tif", np.full((3, TILE, TILE), 90, np.uint8))
+    detector = load_detector(export)
+    with caplog.at_level("WARNING"):
+        scene_detector(detector, scene, PredictConfig(normalize="train"))
+    assert "trained on each scene's own stretch (data.normalize: scene)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        scene_detector(detector, scene, PredictConfig(normalize="scene"))
+    assert "data.normalize" not in caplog.text
+
+
 def test_adaptation_of_an_export_without_keras_weights(tmp_path):
     export = _export(tmp_path, "tiny", _stats("uint8", [5.0] * 3, [250.0] * 3, [100.0] * 3, [40.0] * 3))
     (export / "model.weights.h5").unlink()
