@@ -152,15 +152,16 @@ def _element_fn(tiles: _Tiles, augmenter: Any, seed: int, with_ids: bool) -> Cal
     import tensorflow as tf
 
     normalizers = _normalizers(tiles)
+    fill = _scene_fill(tiles) if tiles.scene_stats is not None else None
     augment_np = _augment_np(augmenter, normalizers, seed) if augmenter is not None else None
 
     def element(index: Any, serialized: Any) -> tuple[Any, dict[str, Any]]:
         tile = parse_tile(serialized, tiles.dtype, tiles.channels)
         image, boxes, labels = _checked(tile, tiles.tile_size, tiles.max_boxes)
-        # stats.json `scenes` is keyed by scene; with data.normalize: global every key maps to the pooled numbers
+        # the key of the tile's normaliser: its scene with data.normalize: scene, b"" (the pooled numbers) otherwise
         scene = tile["scene"] if tiles.scene_stats is not None else tf.constant(b"")
         if np.dtype(tiles.dtype).kind == "f":  # nodata pixels of float tiles are NaN: the band mean, before augmenting
-            image = fill_nonfinite(image, tiles.stats)
+            image = fill_nonfinite(image, tiles.stats) if fill is None else fill(image, scene)
         if augment_np is not None:
             image, boxes, labels = tf.numpy_function(
                 augment_np, [image, boxes, labels, index, scene], [tf.float32, tf.float32, tf.int32], stateful=False
@@ -184,6 +185,22 @@ def _normalizers(tiles: _Tiles) -> dict[bytes, Callable[[np.ndarray], np.ndarray
     if tiles.scene_stats is None:
         return {b"": numpy_normalizer(tiles.stats)}
     return {name.encode(): numpy_normalizer(stats) for name, stats in tiles.scene_stats.items()}
+
+
+def _scene_fill(tiles: _Tiles) -> Callable[[Any, Any], Any]:
+    """TF: NaN/inf pixels of a float tile := its own scene's band mean (0 after its scene's normalisation)."""
+    import tensorflow as tf
+
+    names = sorted(tiles.scene_stats or {})
+    means = tf.constant([tiles.scene_stats[n]["mean"] for n in names], tf.float32)
+    index = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(names, list(range(len(names))),
+                                                                          tf.string, tf.int32), -1)
+
+    def fill(image: Any, scene: Any) -> Any:
+        value = tf.cast(tf.gather(means, index.lookup(scene)), image.dtype)
+        return tf.where(tf.math.is_finite(image), image, value)
+
+    return fill
 
 
 def _augment_np(augmenter: Any, normalizers: dict[bytes, Callable], seed: int) -> Callable[..., tuple]:

@@ -107,3 +107,32 @@ def test_tiles_without_scene_statistics_are_a_clear_error(two_looks, tmp_path: P
     with pytest.raises(SatdetError, match=r"stats.json: no statistics of scene 'bright'.*re-run the tiling stage"):
         build_dataset(old, "train", _with(ctx["config"], normalize="scene"), training=True)
     assert build_dataset(old, "train", ctx["config"], training=True) is not None  # global needs none
+
+
+def test_nodata_of_float_tiles_normalises_to_zero_with_its_scenes_numbers(tmp_path: Path) -> None:
+    from .conftest import make_config as data_config
+    from .fake_tiles import write_tiles_dir
+
+    tiles = write_tiles_dir(tmp_path / "run" / "tiles", {"train": [1, 2], "val": [1]}, dtype="float32")
+    stats = json.loads((tiles / "stats.json").read_text())
+    own = {"low": [10.0] * 3, "high": [900.0] * 3, "mean": [300.0] * 3, "std": [100.0] * 3}
+    (tiles / "stats.json").write_text(json.dumps({**stats, "scenes": {"scene0": own}}))
+    nan_tiles = tmp_path / "nan" / "tiles"
+    nan_tiles.mkdir(parents=True)
+    for f in tiles.iterdir():  # the same folder with a NaN stripe in every tile
+        if f.suffix != ".tfrecord":
+            (nan_tiles / f.name).write_bytes(f.read_bytes())
+            continue
+        from pipeline.data.records import encode_tile
+
+        with tf.io.TFRecordWriter(str(nan_tiles / f.name)) as w:
+            for record in tf.data.TFRecordDataset(str(f)).as_numpy_iterator():
+                t = decode_tile_numpy(record)
+                image = t["image"].copy()
+                image[:5] = np.nan
+                w.write(encode_tile(image, t["boxes"], t["labels"], t["id"], t["scene"]))
+    cfg = data_config(nan_tiles, normalize="scene", augment=[])
+    for images, _ in build_dataset(nan_tiles, "val", cfg, training=False):
+        assert np.isfinite(images.numpy()).all()
+        np.testing.assert_array_equal(images.numpy()[:, :5], 0.0)  # the scene's mean, not the pooled one
+        assert np.abs(images.numpy()[:, 5:]).max() > 0.1
