@@ -13,11 +13,13 @@ from typing import Any
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success rename it over `path`, on error delete it."""
+def atomic_path(path: str | Path, keep_suffix: bool = False) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success rename it over `path`, on error delete it.
+    `keep_suffix`: the temp name ends in `path`'s own suffix (`.x.gpkg.abc.tmp.gpkg`), for writers that check it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    suffix = f".tmp{path.suffix}" if keep_suffix else ".tmp"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -10,6 +10,7 @@ CRS); per scene, a folder with one ``<scene>.<ext>`` each (`output_layout`, `wri
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,7 +77,9 @@ def write_detections(results: list[SceneDetections], out: Path, fmt: str = "geoj
                                         layer_options={"RFC7946": "YES"})
         return out
     if fmt == "gpkg":
-        with atomic_path(out) as tmp:
+        with atomic_path(out, keep_suffix=True) as tmp, warnings.catch_warnings():
+            # a scene without a CRS is written in its pixel-transform coordinates, as documented
+            warnings.filterwarnings("ignore", message="'crs' was not provided", category=UserWarning)
             tmp.unlink()
             for r, frame in zip(results, frames):
                 pyogrio.write_dataframe(frame, tmp, driver="GPKG", layer=r.scene, append=tmp.exists(),

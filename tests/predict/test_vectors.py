@@ -56,6 +56,19 @@ def test_gpkg_keeps_the_scene_crs_with_one_layer_per_scene(tmp_path):
     np.testing.assert_allclose(gdf.geometry.bounds.to_numpy()[0], _map_box([10, 20, 30, 50]), atol=1e-6)
 
 
+def test_gpkg_of_a_scene_in_pixel_coordinates_writes_quietly(tmp_path):
+    import warnings
+
+    import pyogrio
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no driver warning about the temp file's name, none about the CRS
+        out = write_detections([_dets("plain", crs=None)], tmp_path / "d.gpkg", "gpkg")
+    assert [name for name, _ in pyogrio.list_layers(out)] == ["plain"]
+    assert gpd.read_file(out).crs is None and len(gpd.read_file(out)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.gpkg"]  # no temp file left beside it
+
+
 def test_empty_result_is_a_valid_empty_collection(tmp_path):
     d = _dets()
     d.boxes, d.scores, d.labels = np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64)
