@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -103,7 +106,20 @@ def test_with_fitting_off_the_budget_cuts_the_schedule(tmp_path, clock):
     assert read_log(tmp_path)[-1]["lr"] > 0.5 * PEAK  # the old behaviour: stopped at a high LR
 
 
+_CHILD = "SATDET_TEST_SINGLE_THREAD"
+
+
 def test_resume_keeps_the_fitted_length(tmp_path, clock):
+    """Compares a resumed run with an uninterrupted one to 1e-5: run in a child pytest with one intra-op thread,
+    as multi-threaded CPU kernels sum in a varying order and fifty steps amplified that past the tolerance once
+    in a loaded full-suite run (loss 1.633 against 1.630). The child runs the same test body below."""
+    if os.environ.get(_CHILD) != "1":
+        env = {**os.environ, _CHILD: "1", "TF_NUM_INTRAOP_THREADS": "1", "OMP_NUM_THREADS": "1"}
+        child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp",
+                                str(tmp_path / "child"), f"{__file__}::test_resume_keeps_the_fitted_length"],
+                               check=False, env=env, capture_output=True, text=True, timeout=600)
+        assert child.returncode == 0 and "1 passed" in child.stdout, child.stdout[-3000:] + child.stderr[-2000:]
+        return
     uninterrupted = build_model(0)
     reference = _fit(tmp_path / "reference", clock, model=uninterrupted, time_budget_minutes=1.0)
     clock.t, clock.calls, clock.stop_at = 0.0, 0, 31  # the same run, interrupted after the step-30 checkpoint
