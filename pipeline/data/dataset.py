@@ -152,7 +152,8 @@ def _element_fn(tiles: _Tiles, augmenter: Any, seed: int, with_ids: bool) -> Cal
     import tensorflow as tf
 
     normalizers = _normalizers(tiles)
-    fill = _scene_fill(tiles) if tiles.scene_stats is not None else None
+    floating = np.dtype(tiles.dtype).kind == "f"  # only float tiles carry nodata as NaN
+    fill = _scene_fill(tiles) if floating and tiles.scene_stats is not None else None
     augment_np = _augment_np(augmenter, normalizers, seed) if augmenter is not None else None
 
     def element(index: Any, serialized: Any) -> tuple[Any, dict[str, Any]]:
@@ -160,7 +161,7 @@ def _element_fn(tiles: _Tiles, augmenter: Any, seed: int, with_ids: bool) -> Cal
         image, boxes, labels = _checked(tile, tiles.tile_size, tiles.max_boxes)
         # the key of the tile's normaliser: its scene with data.normalize: scene, b"" (the pooled numbers) otherwise
         scene = tile["scene"] if tiles.scene_stats is not None else tf.constant(b"")
-        if np.dtype(tiles.dtype).kind == "f":  # nodata pixels of float tiles are NaN: the band mean, before augmenting
+        if floating:  # nodata pixels of float tiles are NaN: the band mean, before augmenting
             image = fill_nonfinite(image, tiles.stats) if fill is None else fill(image, scene)
         if augment_np is not None:
             image, boxes, labels = tf.numpy_function(

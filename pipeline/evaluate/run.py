@@ -20,6 +20,7 @@ Outputs in `out_dir`: metrics.json, report.md, pr_curve.png, examples.png, detec
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -176,7 +177,12 @@ def _per_scene_detectors(detector: Any, tiles_dir: Path) -> Any:
     from pipeline.predict.adapt import SceneNormalized
 
     stats = load_stats(tiles_dir)
-    return lambda scene: SceneNormalized(detector, scene_stats_of(stats, scene, str(tiles_dir / "stats.json")))
+
+    @functools.cache  # one per scene, not one per batch of tiles
+    def for_scene(scene: str) -> SceneNormalized:
+        return SceneNormalized(detector, scene_stats_of(stats, scene, str(tiles_dir / "stats.json")))
+
+    return for_scene
 
 
 def scene_summary(m: dict[str, Any]) -> dict[str, Any]:
