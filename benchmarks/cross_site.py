@@ -68,7 +68,7 @@ def main() -> None:
     from pipeline.tf_quiet import import_tensorflow
 
     import_tensorflow()
-    from pipeline.config import SceneConfig, load_config, save_config
+    from pipeline.config import load_config, save_config
     from pipeline.data.tiles import tile_count
     from pipeline.evaluate.run import run_evaluation
     from pipeline.geo.tiling import run_tiling
@@ -103,7 +103,7 @@ def main() -> None:
             row[label] = _summary(json.loads((out / "metrics.json").read_text()))
             row[label]["seconds"] = round(time.perf_counter() - started, 1)
         if not args.no_other_sites:
-            row["other_sites"] = _other_sites(cfg, options, run_dir, name, run_evaluation, SceneConfig)
+            row["other_sites"] = _other_sites(cfg, options, run_dir, name)
         result["variants"][name] = row
         others = row.get("other_sites", {}).get("pooled", {}).get("AP50")
         print(f"{name}: cross-site AP50 {row.get('cross_site', {}).get('AP50')}  same-site AP50 "
@@ -111,9 +111,12 @@ def main() -> None:
     print(json.dumps(result, indent=2))
 
 
-def _other_sites(cfg, options: dict, run_dir: Path, name: str, run_evaluation, scene_config) -> dict:
+def _other_sites(cfg, options: dict, run_dir: Path, name: str) -> dict:
     """Score the data/neon-eval plots whole (evaluate.scenes, only_scenes): per plot and pooled."""
-    scenes = [scene_config(image=OTHER_SITES / f, labels=OTHER_SITES / f"{Path(f).stem}.pixel.csv")
+    from pipeline.config import SceneConfig
+    from pipeline.evaluate.run import run_evaluation
+
+    scenes = [SceneConfig(image=OTHER_SITES / f, labels=OTHER_SITES / f"{Path(f).stem}.pixel.csv")
               for f in OTHER_SCENES]
     c = cfg.model_copy(update={"predict": cfg.predict.model_copy(update=options),
                                "evaluate": cfg.evaluate.model_copy(update={"scenes": scenes, "only_scenes": True})})
