@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean image image-cpu container-test
+.PHONY: install demo test lint clean image image-cpu container-test bench-torchvision
 
 # Container images (docs/container.md). Tags: $(IMAGE):<git revision>[-dirty][-cpu] and $(IMAGE):<version>[-cpu].
 # PYTHON_IMAGE=<base> overrides the Dockerfile's base (e.g. satdet-base:bookworm from docker/debian-base.sh);
@@ -41,6 +41,16 @@ lint: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache
+
+# satdet against torchvision's Faster R-CNN, side by side on this CPU (benchmarks/vs_torchvision.py); torch goes
+# into its own .venv-torch, never into the product's .venv. BENCH_ARGS: e.g. --export runs/neon-trees/model/export
+.venv-torch/.installed: benchmarks/requirements-torchvision.txt
+	$(PYTHON) -m venv .venv-torch
+	.venv-torch/bin/python -m pip install --quiet -r benchmarks/requirements-torchvision.txt
+	@touch $@
+
+bench-torchvision: $(STAMP) .venv-torch/.installed
+	$(BIN)/python benchmarks/vs_torchvision.py --torch-python .venv-torch/bin/python $(BENCH_ARGS)
 
 image:
 	$(BUILD) --build-arg VARIANT=gpu -t $(IMAGE):$(REV) -t $(IMAGE):$(VERSION) .
