@@ -44,7 +44,7 @@ clean:
 
 # satdet against torchvision's Faster R-CNN, side by side on this CPU (benchmarks/vs_torchvision.py); torch goes
 # into its own .venv-torch, never into the product's .venv. BENCH_ARGS: e.g. --export runs/neon-trees/model/export
-# TORCH_PIP_ARGS: e.g. --index-url https://download.pytorch.org/whl/cpu (torch's CPU build: no CUDA libraries)
+# TORCH_PIP_ARGS: e.g. --extra-index-url https://download.pytorch.org/whl/cpu (torch's CPU build: no CUDA libraries)
 .venv-torch/.installed: benchmarks/requirements-torchvision.txt
 	$(PYTHON) -m venv .venv-torch
 	.venv-torch/bin/python -m pip install --quiet $(TORCH_PIP_ARGS) -r benchmarks/requirements-torchvision.txt

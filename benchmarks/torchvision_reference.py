@@ -7,7 +7,9 @@ it imports nothing of satdet, so the product's environment never needs torch.
 
 --size native: torchvision resizes every image to min_size=max_size=the window size (no resampling of
 400 px windows); --size default: the builder's own transform (min_size 800: a 400 px window is upsampled
-to 800 px, what a user who keeps the defaults gets). Training: batch of random images with 30 boxes of
+to 800 px, what a user who keeps the defaults gets); --size matched: native, with the proposal and ROI
+counts of satdet's NEON model section (1000 / 1000 training proposals, 256 sampled ROIs per image, 500
+test proposals, up to 300 detections); its 256-channel FPN and 1024-wide box head stay (no builder option). Training: batch of random images with 30 boxes of
 15-80 px (benchmarks/model.py's recipe), SGD momentum 0.9, global-norm clipping at 10. Scene inference:
 the plain per-window loop a torchvision user writes: rasterio reads each window of `--windows` (the same
 window list satdet's `predict` uses, written by the driver), batches of `--batch`, boxes above
@@ -21,12 +23,17 @@ import json
 import os
 import time
 
+MATCHED = {"rpn_pre_nms_top_n_train": 1000, "rpn_post_nms_top_n_train": 1000, "rpn_pre_nms_top_n_test": 1000,
+           "rpn_post_nms_top_n_test": 500, "box_batch_size_per_image": 256, "box_detections_per_img": 300}
+
 
 def _model(size: str, tile: int):
     from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_fpn
 
-    resize = {"min_size": tile, "max_size": tile} if size == "native" else {}
-    return fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=2, **resize)
+    options = {} if size == "default" else {"min_size": tile, "max_size": tile}
+    if size == "matched":
+        options.update(MATCHED)
+    return fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None, num_classes=2, **options)
 
 
 def _synthetic_batch(batch: int, tile: int, boxes: int = 30, seed: int = 0):
@@ -105,17 +112,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scene", required=True, help="3-band uint8 GeoTIFF (the driver's synthetic scene).")
     p.add_argument("--windows", required=True, help="JSON list of [col, row, width, height] windows.")
-    p.add_argument("--size", choices=["native", "default"], default="native")
+    p.add_argument("--size", choices=["native", "default", "matched"], default="native")
     p.add_argument("--tile", type=int, default=400)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--train-steps", type=int, default=5)
     p.add_argument("--score-threshold", type=float, default=0.3)
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = all cores).")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = the cores this process may use).")
     args = p.parse_args()
     import torch
     import torchvision
 
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     with open(args.windows) as f:
         windows = json.load(f)
     result = {"library": f"torch {torch.__version__}, torchvision {torchvision.__version__}",
