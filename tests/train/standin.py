@@ -16,6 +16,10 @@ import tensorflow as tf
 
 from pipeline.config import Config
 
+# The environment of a training process whose losses are compared with another's: one intra-op thread, as
+# multi-threaded CPU kernels sum in an order that varies from run to run (test_resume, test_time_budget).
+ONE_THREAD_ENV = {"TF_NUM_INTRAOP_THREADS": "1", "OMP_NUM_THREADS": "1"}
+
 SIZE, CHANNELS, MAX_BOXES = 16, 3, 4
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from pipeline.train.telemetry import read_log
 
-from .standin import detector_resume_run, resume_run
+from .standin import ONE_THREAD_ENV, detector_resume_run, resume_run
 
 HERE = Path(__file__).parent
 
@@ -48,8 +48,7 @@ def _run(model_dir: Path, run: str, resume: bool, slow_after: int, wait: bool = 
     # One intra-op thread: multi-threaded CPU kernels sum in an order that varies from run to run, and a few
     # steps of the real detector turn that into weights 1e-4 apart (seen once in a full-suite run); single-
     # threaded, the resumed and the uninterrupted process (both started here, same environment) compute alike.
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(HERE.parents[1]),
-               TF_NUM_INTRAOP_THREADS="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(HERE.parents[1]), **ONE_THREAD_ENV)
     args = [str(HERE), str(model_dir), "1" if resume else "0", str(slow_after), "wait" if wait else "go",
             RUNS[run][0].__name__]
     # stderr to a file, not a pipe: the process may run long before anyone reads it (closed by _stop_early).

@@ -17,7 +17,7 @@ from pipeline.train.schedule import build_schedule
 from pipeline.train.step import TrainStep
 from pipeline.train.telemetry import read_log
 
-from .standin import build_model, synthetic_dataset, tiny_config
+from .standin import ONE_THREAD_ENV, build_model, synthetic_dataset, tiny_config
 
 PEAK = 0.05
 
@@ -114,7 +114,7 @@ def test_resume_keeps_the_fitted_length(tmp_path, clock):
     as multi-threaded CPU kernels sum in a varying order and fifty steps amplified that past the tolerance once
     in a loaded full-suite run (loss 1.633 against 1.630). The child runs the same test body below."""
     if os.environ.get(_CHILD) != "1":
-        env = {**os.environ, _CHILD: "1", "TF_NUM_INTRAOP_THREADS": "1", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, _CHILD: "1", **ONE_THREAD_ENV}
         child = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp",
                                 str(tmp_path / "child"), f"{__file__}::test_resume_keeps_the_fitted_length"],
                                check=False, env=env, capture_output=True, text=True, timeout=600)
