@@ -133,7 +133,7 @@ class DataConfig(_Section):
 
 # --------------------------------------------------------------------------------------------- model
 class ModelConfig(_Section):
-    backbone: Literal["mobilenet_v3_large", "mobilenet_v3_small", "resnet50", "tiny"] = Field(
+    backbone: Literal["mobilenet_v3_large", "mobilenet_v3_small", "resnet50", "resnet18_half", "tiny"] = Field(
         "mobilenet_v3_large", description="Feature extractor."
     )
     weights: str = Field(

@@ -1,5 +1,5 @@
-"""Feature extractors: ResNet50, MobileNetV3-Large and MobileNetV3-Small from keras.applications, and a tiny CNN
-for tests.
+"""Feature extractors: ResNet50, MobileNetV3-Large and MobileNetV3-Small from keras.applications, a half-width
+ResNet-18 for training from scratch (resnet_small.py), and a tiny CNN for tests.
 
 Every backbone is a functional ``keras.Model`` mapping ``[B, H, W, bands]`` (H, W multiples of 32) to the
 list ``[C2, C3, C4, C5]`` of feature maps at strides 4, 8, 16 and 32. Weights are ``'none'`` (random),
@@ -32,8 +32,11 @@ import keras
 import numpy as np
 
 from pipeline.errors import SatdetError
+from pipeline.model.resnet_small import resnet18_half
 
-BACKBONES = ("mobilenet_v3_large", "mobilenet_v3_small", "resnet50", "tiny")
+BACKBONES = ("mobilenet_v3_large", "mobilenet_v3_small", "resnet50", "resnet18_half", "tiny")
+# Backbones with no pretrained weights: built with random weights only.
+FROM_SCRATCH_ONLY = ("resnet18_half", "tiny")
 NUM_STAGES = 4  # stages at strides 4, 8, 16, 32 after the stem
 # MobileNetV3 variants: the keras.applications class; its taps, the strided depthwise blocks whose padding
 # layers' *input* is the last (expanded) activation at strides 4, 8 and 16 (Large: 72/240/672 channels,
@@ -50,7 +53,8 @@ _MOBILENETS = {
 # 0.5 * (2**l - 1) px in image pixels. Keras' 'same' padding (tiny) and the applications' correct_pad
 # (MobileNetV3) put the extra pixel of a stride-2 convolution after the input: cells look right of / below
 # the nominal (i + 0.5) * 2**l (+). ResNet-50's symmetric zero padding and strided 1x1 convolutions: left/above (-).
-_CENTRE_SHIFT_SIGN = {"mobilenet_v3_large": 1.0, "mobilenet_v3_small": 1.0, "tiny": 1.0, "resnet50": -1.0}
+_CENTRE_SHIFT_SIGN = {"mobilenet_v3_large": 1.0, "mobilenet_v3_small": 1.0, "tiny": 1.0, "resnet18_half": 1.0,
+                      "resnet50": -1.0}
 _RESNET_TAPS = ("conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out")
 # ImageNet RGB mean/std as fractions of 255 (torchvision), and keras' 'caffe' mean in RGB order.
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -242,7 +246,7 @@ def stage_of(name: str, layer_name: str) -> int | None:
         if block is None:  # block 0 has no index in its layer names
             return None
         return sum(block >= start for start in _MOBILENETS[name][2])
-    match = re.match(r"tiny_(?:stem|c(\d))", layer_name)
+    match = re.match(r"(?:tiny|r18)_(?:stem|c(\d))", layer_name)
     return (int(match.group(1)) - 1 if match.group(1) else 0) if match else None
 
 
@@ -286,8 +290,12 @@ def build_backbone(
     pretrained = is_pretrained(weights)
     freeze_bn = pretrained if freeze_bn is None else freeze_bn
     pretrained_input = pretrained if pretrained_input is None else pretrained_input
+    if name in FROM_SCRATCH_ONLY and pretrained:
+        raise SatdetError(f"model.weights={weights!r}: {name} has no pretrained weights; set model.weights: none")
     if name == "tiny":
         model = _tiny(bands)
+    elif name == "resnet18_half":
+        model = resnet18_half(bands, bn_momentum)
     else:
         source = _pretrained_source(name, weights) if pretrained else None  # a bad file fails first
         if pretrained_input:

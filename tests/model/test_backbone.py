@@ -65,3 +65,31 @@ def test_stages_follow_the_feature_strides():
     assert [stage_of("tiny", n) for n in ("tiny_stem", "tiny_c2_down", "tiny_c5")] == [0, 1, 4]
     with pytest.raises(SatdetError, match="freeze_stages"):
         build_backbone("tiny", 3, freeze_stages=5)
+
+
+def test_resnet18_half_gives_four_levels_with_its_widths_for_any_band_count():
+    backbone = build_backbone("resnet18_half", bands=4, bn_momentum=0.8)
+    outs = backbone(np.zeros((1, 128, 96, 4), np.float32))
+    assert [(o.shape[1], o.shape[2]) for o in outs] == [(32, 24), (16, 12), (8, 6), (4, 3)]
+    assert [o.shape[3] for o in outs] == [32, 64, 128, 256]
+    assert _bn_momenta(backbone) == {0.8}
+    # random weights only: batch norm trains, no input mapping layer
+    assert all(layer.trainable for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization))
+    assert "pretrained_input" not in {layer.name for layer in backbone.layers}
+
+
+def test_resnet18_half_stages_freeze_by_stride():
+    from pipeline.model.backbone import stage_of
+
+    names = ("r18_stem1", "r18_stem2_bn", "r18_c2_b0_a", "r18_c3_b0_proj_bn", "r18_c4_b1_b", "r18_c5_b1_out")
+    assert [stage_of("resnet18_half", n) for n in names] == [0, 0, 1, 2, 3, 4]
+    backbone = build_backbone("resnet18_half", 3, freeze_stages=2)
+    frozen = {layer.name for layer in backbone.layers if layer.weights and not layer.trainable}
+    assert "r18_stem1" in frozen and "r18_c3_b1_b" in frozen
+    assert "r18_c4_b0_a" not in frozen and "r18_c5_b1_b_bn" not in frozen
+
+
+@pytest.mark.parametrize("weights", ["imagenet", "/nowhere/weights.h5"])
+def test_from_scratch_backbones_refuse_pretrained_weights_without_a_download(weights):
+    with pytest.raises(SatdetError, match="resnet18_half has no pretrained weights"):
+        build_backbone("resnet18_half", 3, weights=weights)
