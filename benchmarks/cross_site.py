@@ -111,13 +111,24 @@ def main() -> None:
     print(json.dumps(result, indent=2))
 
 
+def unseen_other_scenes(cfg) -> tuple[list[str], list[str]]:
+    """The data/neon-eval plots the config does not tile (by file name, wherever its copy lies), and those it
+    does: a plot the model trained on is no other-site figure."""
+    tiled = {Path(scene.image).name for scene in cfg.tiling.scenes}
+    return [f for f in OTHER_SCENES if f not in tiled], [f for f in OTHER_SCENES if f in tiled]
+
+
 def _other_sites(cfg, options: dict, run_dir: Path, name: str) -> dict:
-    """Score the data/neon-eval plots whole (evaluate.scenes, only_scenes): per plot and pooled."""
+    """Score the data/neon-eval plots whole (evaluate.scenes, only_scenes): per plot and pooled; plots the
+    config tiles are left out and listed under ``trained_on``."""
     from pipeline.config import SceneConfig
     from pipeline.evaluate.run import run_evaluation
 
+    unseen, trained_on = unseen_other_scenes(cfg)
+    if not unseen:
+        return {"trained_on": trained_on}
     scenes = [SceneConfig(image=OTHER_SITES / f, labels=OTHER_SITES / f"{Path(f).stem}.pixel.csv")
-              for f in OTHER_SCENES]
+              for f in unseen]
     c = cfg.model_copy(update={"predict": cfg.predict.model_copy(update=options),
                                "evaluate": cfg.evaluate.model_copy(update={"scenes": scenes, "only_scenes": True})})
     started = time.perf_counter()
@@ -126,6 +137,8 @@ def _other_sites(cfg, options: dict, run_dir: Path, name: str) -> dict:
     row = {scene: _summary(metrics, m) for scene, m in metrics["per_scene"].items()}
     row["pooled"] = _summary(metrics)
     row["pooled"]["seconds"] = round(time.perf_counter() - started, 1)
+    if trained_on:
+        row["trained_on"] = trained_on
     return row
 
 

@@ -41,3 +41,16 @@ def test_every_other_site_plot_reads_with_the_stated_size_and_crowns(scene: str)
     boxes = np.asarray(read.boxes)
     assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
     assert (boxes >= 0).all() and (boxes[:, [0, 2]] <= width).all() and (boxes[:, [1, 3]] <= height).all()
+
+
+def test_plots_the_config_tiles_are_not_scored_as_other_sites(tmp_path: Path) -> None:
+    from pipeline.config import load_config
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "neon-trees-cross-site.yaml"
+    cfg = load_config(config)
+    assert cross_site.unseen_other_scenes(cfg) == (list(cross_site.OTHER_SCENES), [])
+    soap = tmp_path / "copies" / "SOAP_061.png"  # the same plot under another folder still counts as trained on
+    scenes = [*cfg.tiling.scenes, cfg.tiling.scenes[0].model_copy(update={"image": soap, "split": "train"})]
+    cfg = cfg.model_copy(update={"tiling": cfg.tiling.model_copy(update={"scenes": scenes})})
+    unseen, trained_on = cross_site.unseen_other_scenes(cfg)
+    assert trained_on == ["SOAP_061.png"] and "SOAP_061.png" not in unseen and len(unseen) == 2
