@@ -207,6 +207,11 @@ class ModelConfig(_Section):
         "left/above for ResNet-50), 3.5 px on P3. false = the nominal grid (torchvision's; measured better on "
         "the cross-site benchmark, docs/model.md).",
     )
+    score_fusion: Literal["box_head", "geometric_mean"] = Field(
+        "box_head",
+        description="A detection's score: the box head's class probability (Faster R-CNN), or the geometric mean "
+        "of it and the RPN objectness of its proposal (CenterNet2's two-stage probability). Test time only.",
+    )
     roi_align_impl: Literal["auto", "crop_and_resize", "gather"] = Field(
         "auto",
         description="ROIAlign kernel: 'crop_and_resize' (fast on CPU, no XLA), 'gather' (XLA-compatible); "

@@ -176,18 +176,20 @@ class FasterRCNN(keras.Model):
         features = self._features(images, training)
         rpn_levels = self._rpn_levels(features)
         logits, deltas = self.rpn_head(rpn_levels)
-        proposals, valid = propose(logits, deltas, self._anchors(rpn_levels), (height, width), self.rpn_coder,
-                                   cfg.rpn_pre_nms_top_n_test, cfg.rpn_post_nms_top_n_test, cfg.rpn_nms_iou,
-                                   nms_impl=self.nms_impl)
+        proposals, valid, objectness = propose(
+            logits, deltas, self._anchors(rpn_levels), (height, width), self.rpn_coder, cfg.rpn_pre_nms_top_n_test,
+            cfg.rpn_post_nms_top_n_test, cfg.rpn_nms_iou, nms_impl=self.nms_impl, with_scores=True)
         cls_logits, box_deltas = self.box_head(self._roi_features(features, proposals))
-        return self._postprocess(proposals, valid, cls_logits, box_deltas, height, width)
+        return self._postprocess(proposals, valid, cls_logits, box_deltas, height, width, objectness)
 
     def _postprocess(self, proposals: tf.Tensor, valid: tf.Tensor, cls_logits: tf.Tensor, box_deltas: tf.Tensor,
-                     height: int, width: int) -> dict[str, tf.Tensor]:
+                     height: int, width: int, objectness: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
         cfg = self.cfg
         k = self.num_classes
         b, p = tf.shape(proposals)[0], proposals.shape[1]
         scores = tf.nn.softmax(cls_logits, axis=-1)[..., 1:]  # [B, P, K]
+        if cfg.score_fusion == "geometric_mean" and objectness is not None:
+            scores = tf.sqrt(scores * objectness[..., None])  # both stages' probabilities (CenterNet2)
         boxes = clip_boxes(self.roi_coder.decode(proposals[:, :, None, :], box_deltas), height, width)  # [B, P, K, 4]
         big = ((boxes[..., 2] - boxes[..., 0]) >= 1e-2) & ((boxes[..., 3] - boxes[..., 1]) >= 1e-2)
         scores = tf.where(big & valid[..., None], scores, 0.0)

@@ -136,10 +136,12 @@ def propose(
     nms_iou: float,
     min_size: float = 1e-3,
     nms_impl: str = "padded",
-) -> tuple[tf.Tensor, tf.Tensor]:
+    with_scores: bool = False,
+) -> tuple[tf.Tensor, ...]:
     """Proposals per image: top-k objectness per level, decode, clip, NMS per level, keep the best overall.
 
-    Returns ``boxes [B, post_nms_top_n, 4]`` sorted by objectness and ``valid [B, post_nms_top_n]`` bool.
+    Returns ``boxes [B, post_nms_top_n, 4]`` sorted by objectness and ``valid [B, post_nms_top_n]`` bool;
+    ``with_scores`` adds their objectness probabilities ``[B, post_nms_top_n]`` (0 on padding rows).
     Gradients do not flow into proposals (Faster R-CNN treats them as fixed inputs to the second stage).
     """
     logits = tf.stop_gradient(logits)
@@ -165,4 +167,8 @@ def propose(
                             score_threshold=-1e8, impl=nms_impl)
     out = pad_rows(tf.gather(boxes, keep, batch_dims=1), post_nms_top_n)
     valid = pad_rows(tf.range(keep.shape[1])[None, :] < num[:, None], post_nms_top_n)
-    return tf.where(valid[..., None], out, 0.0), valid
+    out = tf.where(valid[..., None], out, 0.0)
+    if not with_scores:
+        return out, valid
+    probs = pad_rows(tf.sigmoid(tf.gather(scores, keep, batch_dims=1)), post_nms_top_n)
+    return out, valid, tf.where(valid, probs, 0.0)

@@ -152,3 +152,31 @@ def test_a_box_head_level_below_the_anchor_levels(tiles, make_config, shift):
 def test_box_head_level_must_not_be_coarser_than_the_anchor_levels(make_config):
     with pytest.raises(ValueError, match="roi_min_level"):
         make_config(min_level=2, roi_min_level=3)
+
+
+def test_geometric_mean_score_fusion_combines_both_stages(make_config):
+    """score_fusion: geometric_mean scores each detection sqrt(box-head probability x proposal objectness);
+    the default keeps the box head's probability. Same boxes, same weights."""
+    plain = build_detector(make_config(score_threshold=0.0), num_classes=1, bands=3)
+    fused = build_detector(make_config(score_threshold=0.0, score_fusion="geometric_mean"), num_classes=1, bands=3)
+    proposals = tf.constant([[[10.0, 10.0, 40.0, 40.0], [60.0, 60.0, 90.0, 100.0]]])
+    valid = tf.constant([[True, True]])
+    cls_logits = tf.constant([[[0.0, 2.0], [0.0, -1.0]]])  # box-head tree probabilities 0.881, 0.269
+    deltas = tf.zeros([1, 2, 1, 4])
+    objectness = tf.constant([[0.25, 0.81]])
+    a = plain._postprocess(proposals, valid, cls_logits, deltas, 128, 128, objectness)
+    b = fused._postprocess(proposals, valid, cls_logits, deltas, 128, 128, objectness)
+    head = tf.sigmoid([2.0, -1.0]).numpy()
+    np.testing.assert_allclose(sorted(a["scores"].numpy()[0, :2]), sorted(head), rtol=1e-5)
+    expected = np.sqrt(head * [0.25, 0.81])  # 0.469, 0.467: the ranking follows both stages
+    got = {tuple(np.round(box, 3)): s for box, s in zip(b["boxes"].numpy()[0, :2], b["scores"].numpy()[0, :2])}
+    np.testing.assert_allclose([got[(10.0, 10.0, 40.0, 40.0)], got[(60.0, 60.0, 90.0, 100.0)]], expected, rtol=1e-5)
+
+
+def test_inference_with_score_fusion_runs_end_to_end(tiles, make_config):
+    images, _ = tiles
+    model = build_detector(make_config(score_fusion="geometric_mean", score_threshold=0.0), num_classes=2, bands=3)
+    out = model(images, training=False)
+    scores = out["scores"].numpy()
+    assert out["boxes"].shape == (4, 50, 4) and np.all((scores >= 0) & (scores <= 1))
+    assert np.all(out["num_detections"].numpy() > 0)
