@@ -4,21 +4,41 @@ an AP50 that only a model that learned something reaches."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import geopandas as gpd
 import pytest
+import yaml
 
 from pipeline.config import config_from_dict
 from pipeline.evaluate.run import run_evaluation
 from pipeline.geo.synth import make_scene
 from pipeline.geo.tiling import run_tiling
-from pipeline.train.run import run_training
+
+from ..train.standin import ONE_THREAD_ENV
 
 CLASSES = ["crown", "roof"]
 # AP50 on the 256 px test scene (18 objects). Untrained (one step at lr 1e-6): scene 0.000-0.006, tile
 # 0.001-0.002. After these 300 steps (model seeds 0-3): scene 0.59-0.87, tile 0.55-0.79. 200 steps
 # were not enough (scene 0.22 for seed 0).
 AP50_FLOOR = 0.3
+# Training runs in a child process with one intra-op thread: multi-threaded CPU reductions make a run
+# non-deterministic, and on two busy cores the same 300 steps once ended at scene AP50 0.18.
+TRAIN = ("import sys; from pathlib import Path; from pipeline.config import load_config; "
+         "from pipeline.train.run import run_training; "
+         "run_training(load_config(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))")
+
+
+def _train_in_one_thread(config: Path, tiles: Path, model_dir: Path) -> Path:
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(Path(__file__).resolve().parents[2]),
+               **ONE_THREAD_ENV)
+    done = subprocess.run([sys.executable, "-c", TRAIN, str(config), str(tiles), str(model_dir)], check=False, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return model_dir
 
 
 @pytest.mark.slow
@@ -44,7 +64,9 @@ def test_evaluate_with_a_trained_tiny_model_writes_every_report_file(tmp_path):
         "predict": {"overlap": 16, "batch_size": 4, "score_threshold": 0.0},
     })
     tiles = run_tiling(cfg)
-    model_dir = run_training(cfg, tiles, cfg.run_dir / "model")
+    config = tmp_path / "e2e.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    model_dir = _train_in_one_thread(config, tiles, cfg.run_dir / "model")
     out = run_evaluation(cfg, model_dir, tiles, cfg.run_dir / "eval")
 
     for name in ("metrics.json", "report.md", "pr_curve.png", "examples.png", "detections.geojson"):
