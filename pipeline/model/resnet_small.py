@@ -9,7 +9,7 @@ level is centred where ``feature_centre_shift`` says, as with Keras' 'same' padd
 shortcut would sample a pixel up-left of the 3x3 branch's centre).
 
 Why it exists: on one CPU core its forward + backward pass at 4 x 416^2 costs 1.19 s against 1.75 s for
-MobileNetV3-Large (docs/model.md, Speed), because dense 3x3 convolutions run near the CPU's peak while
+MobileNetV3-Large (docs/model.md, Speed; measured with strided 1x1 shortcuts), because dense 3x3 convolutions run near the CPU's peak while
 depthwise ones do not. It has no pretrained weights: random initialisation only.
 """
 
