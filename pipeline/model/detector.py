@@ -183,12 +183,12 @@ class FasterRCNN(keras.Model):
         return self._postprocess(proposals, valid, cls_logits, box_deltas, height, width, objectness)
 
     def _postprocess(self, proposals: tf.Tensor, valid: tf.Tensor, cls_logits: tf.Tensor, box_deltas: tf.Tensor,
-                     height: int, width: int, objectness: tf.Tensor | None = None) -> dict[str, tf.Tensor]:
+                     height: int, width: int, objectness: tf.Tensor) -> dict[str, tf.Tensor]:
         cfg = self.cfg
         k = self.num_classes
         b, p = tf.shape(proposals)[0], proposals.shape[1]
         scores = tf.nn.softmax(cls_logits, axis=-1)[..., 1:]  # [B, P, K]
-        if cfg.score_fusion == "geometric_mean" and objectness is not None:
+        if cfg.score_fusion == "geometric_mean":
             scores = tf.sqrt(scores * objectness[..., None])  # both stages' probabilities (CenterNet2)
         boxes = clip_boxes(self.roi_coder.decode(proposals[:, :, None, :], box_deltas), height, width)  # [B, P, K, 4]
         big = ((boxes[..., 2] - boxes[..., 0]) >= 1e-2) & ((boxes[..., 3] - boxes[..., 1]) >= 1e-2)
