@@ -212,6 +212,12 @@ class ModelConfig(_Section):
         description="A detection's score: the box head's class probability (Faster R-CNN), or the geometric mean "
         "of it and the RPN objectness of its proposal (CenterNet2's two-stage probability). Test time only.",
     )
+    iou_score: bool = Field(
+        False,
+        description="The box head also predicts each refined box's IoU with its object (trained with binary "
+        "cross-entropy on the sampled positives, loss term roi_iou); a detection's score becomes the geometric "
+        "mean of its class probability and that predicted IoU, so better-fitting boxes rank first (IoU-Net).",
+    )
     roi_align_impl: Literal["auto", "crop_and_resize", "gather"] = Field(
         "auto",
         description="ROIAlign kernel: 'crop_and_resize' (fast on CPU, no XLA), 'gather' (XLA-compatible); "

@@ -45,15 +45,26 @@ def pairwise_iou(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
     return tf.math.divide_no_nan(inter, union)
 
 
-def generalized_iou(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
-    """Element-wise GIoU of matching boxes ``a``, ``b`` [..., 4] (Rezatofighi et al. 2019): IoU minus the
-    fraction of the smallest enclosing box that neither covers. In [-1, 1]; differentiable in ``a``."""
+def _overlap(a: tf.Tensor, b: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """float32 ``a``, ``b`` and the element-wise intersection and union areas of matching boxes [..., 4]."""
     a = tf.cast(a, tf.float32)
     b = tf.cast(b, tf.float32)
     iw = tf.maximum(tf.minimum(a[..., 2], b[..., 2]) - tf.maximum(a[..., 0], b[..., 0]), 0.0)
     ih = tf.maximum(tf.minimum(a[..., 3], b[..., 3]) - tf.maximum(a[..., 1], b[..., 1]), 0.0)
     inter = iw * ih
-    union = area(a) + area(b) - inter
+    return a, b, inter, area(a) + area(b) - inter
+
+
+def matched_iou(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """Element-wise IoU of matching boxes ``a``, ``b`` [..., 4] (0 for empty boxes)."""
+    _a, _b, inter, union = _overlap(a, b)
+    return tf.math.divide_no_nan(inter, union)
+
+
+def generalized_iou(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """Element-wise GIoU of matching boxes ``a``, ``b`` [..., 4] (Rezatofighi et al. 2019): IoU minus the
+    fraction of the smallest enclosing box that neither covers. In [-1, 1]; differentiable in ``a``."""
+    a, b, inter, union = _overlap(a, b)
     hull = (tf.maximum(a[..., 2], b[..., 2]) - tf.minimum(a[..., 0], b[..., 0])) * (
         tf.maximum(a[..., 3], b[..., 3]) - tf.minimum(a[..., 1], b[..., 1]))
     return tf.math.divide_no_nan(inter, union) - tf.math.divide_no_nan(hull - union, hull)

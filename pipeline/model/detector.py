@@ -25,9 +25,9 @@ from pipeline.model.backbone import build_backbone, feature_centre_shift, is_pre
 from pipeline.model.boxes import BoxCoder, batched_nms, clip_boxes
 from pipeline.model.fpn import FPN
 from pipeline.model.kernels import resolve_kernel
-from pipeline.model.losses import LOSS_NAMES
+from pipeline.model.losses import IOU_LOSS_NAME, LOSS_NAMES
 from pipeline.model.padding import pad_rows
-from pipeline.model.roi import BoxHead, roi_align, roi_loss, sample_rois
+from pipeline.model.roi import BoxHead, roi_align, roi_iou_loss, roi_loss, sample_rois
 from pipeline.model.rpn import (
     RPNHead,
     gt_valid_mask,
@@ -94,7 +94,7 @@ class FasterRCNN(keras.Model):
                            extra_levels=cfg.max_level - backbone_top,
                            light_levels=cfg.min_level - self.feature_min_level, name="fpn")  # box-head-only levels
             self.rpn_head = RPNHead(cfg.fpn_channels, self.num_anchors, name="rpn_head")
-            self.box_head = BoxHead(self.num_classes, cfg.head_dim, name="box_head")
+            self.box_head = BoxHead(self.num_classes, cfg.head_dim, iou=cfg.iou_score, name="box_head")
         self.seed_generator = keras.random.SeedGenerator(cfg.seed, name="sampling_seed")
         # A SeedGenerator is not a TF trackable: expose its state so tf.train.Checkpoint saves the RNG too.
         self.sampling_rng_state = self.seed_generator.state
@@ -163,9 +163,12 @@ class FasterRCNN(keras.Model):
                                    cfg.rpn_post_nms_top_n_train, cfg.rpn_nms_iou, nms_impl=self.nms_impl)
         rois = sample_rois(proposals, valid, gt_boxes, gt_labels, num_boxes, cfg.roi_batch_per_image,
                            cfg.roi_positive_fraction, cfg.roi_fg_iou, self.seed_generator)
-        cls_logits, box_deltas = self.box_head(self._roi_features(features, rois["boxes"]))
+        cls_logits, box_deltas, *iou_logits = self.box_head(self._roi_features(features, rois["boxes"]))
         roi_cls, roi_box = roi_loss(cls_logits, box_deltas, rois, self.roi_coder, cfg.roi_box_loss)
-        return dict(zip(LOSS_NAMES, (rpn_obj, rpn_box, roi_cls, roi_box), strict=True))
+        losses = dict(zip(LOSS_NAMES, (rpn_obj, rpn_box, roi_cls, roi_box), strict=True))
+        if iou_logits:
+            losses[IOU_LOSS_NAME] = roi_iou_loss(iou_logits[0], box_deltas, rois, self.roi_coder)
+        return losses
 
     # ----------------------------------------------------------------------------------- inference
     def call(self, images: tf.Tensor, training: bool = False) -> dict[str, tf.Tensor]:
@@ -179,17 +182,26 @@ class FasterRCNN(keras.Model):
         proposals, valid, objectness = propose(
             logits, deltas, self._anchors(rpn_levels), (height, width), self.rpn_coder, cfg.rpn_pre_nms_top_n_test,
             cfg.rpn_post_nms_top_n_test, cfg.rpn_nms_iou, nms_impl=self.nms_impl, with_scores=True)
-        cls_logits, box_deltas = self.box_head(self._roi_features(features, proposals))
-        return self._postprocess(proposals, valid, cls_logits, box_deltas, height, width, objectness)
+        cls_logits, box_deltas, *iou_logits = self.box_head(self._roi_features(features, proposals))
+        scores = self._scores(cls_logits, objectness, iou_logits[0] if iou_logits else None)
+        return self._postprocess(proposals, valid, scores, box_deltas, height, width)
 
-    def _postprocess(self, proposals: tf.Tensor, valid: tf.Tensor, cls_logits: tf.Tensor, box_deltas: tf.Tensor,
-                     height: int, width: int, objectness: tf.Tensor) -> dict[str, tf.Tensor]:
+    def _scores(self, cls_logits: tf.Tensor, objectness: tf.Tensor, iou_logits: tf.Tensor | None) -> tf.Tensor:
+        """Per-class detection scores [B, P, K] of the proposals: the box head's class probabilities, fused
+        with the RPN objectness (`score_fusion`) and the predicted IoU (`iou_score`) as configured."""
+        scores = tf.nn.softmax(cls_logits, axis=-1)[..., 1:]
+        if self.cfg.score_fusion == "geometric_mean":
+            scores = tf.sqrt(scores * objectness[..., None])  # both stages' probabilities (CenterNet2)
+        if iou_logits is not None:
+            scores = tf.sqrt(scores * tf.sigmoid(iou_logits))  # weighed by the predicted fit of the box
+        return scores
+
+    def _postprocess(self, proposals: tf.Tensor, valid: tf.Tensor, scores: tf.Tensor, box_deltas: tf.Tensor,
+                     height: int, width: int) -> dict[str, tf.Tensor]:
+        """Decoded, clipped boxes of the proposals with their per-class `scores` [B, P, K], after NMS."""
         cfg = self.cfg
         k = self.num_classes
         b, p = tf.shape(proposals)[0], proposals.shape[1]
-        scores = tf.nn.softmax(cls_logits, axis=-1)[..., 1:]  # [B, P, K]
-        if cfg.score_fusion == "geometric_mean":
-            scores = tf.sqrt(scores * objectness[..., None])  # both stages' probabilities (CenterNet2)
         boxes = clip_boxes(self.roi_coder.decode(proposals[:, :, None, :], box_deltas), height, width)  # [B, P, K, 4]
         big = ((boxes[..., 2] - boxes[..., 0]) >= 1e-2) & ((boxes[..., 3] - boxes[..., 1]) >= 1e-2)
         scores = tf.where(big & valid[..., None], scores, 0.0)

@@ -11,6 +11,7 @@ import tensorflow as tf
 SMOOTH_L1_BETA = 1.0 / 9.0
 # The detector's loss terms, in the order FasterRCNN.compute_losses returns them.
 LOSS_NAMES = ("rpn_objectness", "rpn_box", "roi_class", "roi_box")
+IOU_LOSS_NAME = "roi_iou"  # a fifth term, with model.iou_score only
 
 
 def smooth_l1(diff: tf.Tensor, beta: float = SMOOTH_L1_BETA) -> tf.Tensor:

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-from pipeline.model.boxes import BoxCoder, generalized_iou
-from pipeline.model.losses import masked_sum, smooth_l1, softmax_cross_entropy
+from pipeline.model.boxes import BoxCoder, generalized_iou, matched_iou
+from pipeline.model.losses import binary_cross_entropy, masked_sum, smooth_l1, softmax_cross_entropy
 from pipeline.model.padding import pad_rows
 from pipeline.model.rpn import gt_valid_mask, masked_iou, sample_balanced
 
@@ -181,18 +181,25 @@ def _bilinear_gather(
 
 class BoxHead(keras.layers.Layer):
     """torchvision's TwoMLPHead + FastRCNNPredictor: flatten, 2 x (FC + ReLU), class logits [K+1] and
-    class-specific box deltas [K * 4] (foreground classes only). Outputs are float32."""
+    class-specific box deltas [K * 4] (foreground classes only). Outputs are float32.
 
-    def __init__(self, num_classes: int, hidden: int = 1024, **kwargs) -> None:
+    With ``iou=True`` a third output, class-specific IoU logits [K]: the predicted IoU of each refined box
+    with its object (IoU-Net / IoU-aware detectors), trained by `roi_iou_loss`.
+    """
+
+    def __init__(self, num_classes: int, hidden: int = 1024, iou: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_classes = num_classes
         self.hidden = hidden
+        self.with_iou = bool(iou)
         self.fc1 = keras.layers.Dense(hidden, activation="relu", dtype=self.dtype_policy, name="fc1")
         self.fc2 = keras.layers.Dense(hidden, activation="relu", dtype=self.dtype_policy, name="fc2")
         self.cls = keras.layers.Dense(num_classes + 1, kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
                                       dtype=self.dtype_policy, name="cls")
         self.box = keras.layers.Dense(4 * num_classes, kernel_initializer=keras.initializers.RandomNormal(stddev=0.001),
                                       dtype=self.dtype_policy, name="box")
+        self.iou = keras.layers.Dense(num_classes, kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
+                                      dtype=self.dtype_policy, name="iou") if self.with_iou else None
 
     def build(self, input_shape: tuple) -> None:
         """``input_shape``: [B, R, size, size, C] pooled features."""
@@ -201,18 +208,22 @@ class BoxHead(keras.layers.Layer):
         self.fc2.build((None, None, self.hidden))
         self.cls.build((None, None, self.hidden))
         self.box.build((None, None, self.hidden))
+        if self.iou is not None:
+            self.iou.build((None, None, self.hidden))
         super().build(input_shape)
 
-    def call(self, pooled: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def call(self, pooled: tf.Tensor) -> tuple[tf.Tensor, ...]:
         b, r = pooled.shape[0] if pooled.shape[0] is not None else tf.shape(pooled)[0], pooled.shape[1]
         x = tf.reshape(pooled, [b, r, -1])
         x = self.fc2(self.fc1(tf.cast(x, self.compute_dtype)))
         logits = tf.cast(self.cls(x), tf.float32)
         deltas = tf.reshape(tf.cast(self.box(x), tf.float32), [b, r, self.num_classes, 4])
-        return logits, deltas
+        if self.iou is None:
+            return logits, deltas
+        return logits, deltas, tf.cast(self.iou(x), tf.float32)
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "num_classes": self.num_classes, "hidden": self.hidden}
+        return {**super().get_config(), "num_classes": self.num_classes, "hidden": self.hidden, "iou": self.with_iou}
 
 
 def roi_loss(
@@ -240,3 +251,17 @@ def roi_loss(
     targets = tf.stop_gradient(coder.encode(rois["boxes"], rois["matched"]))
     box = masked_sum(smooth_l1(class_deltas - targets), positive) / count
     return cls, box
+
+
+def roi_iou_loss(iou_logits: tf.Tensor, deltas: tf.Tensor, rois: dict[str, tf.Tensor], coder: BoxCoder) -> tf.Tensor:
+    """Binary cross-entropy of the predicted IoU logit of the true class against the IoU of the refined box
+    (the proposal decoded with the head's deltas, held fixed) with its ground truth, mean over the sampled
+    positives: the head learns how well each of its boxes fits, the detection score then weighs it in."""
+    labels = rois["labels"]
+    positive = rois["valid"] & (labels > 0)
+    index = tf.maximum(labels - 1, 0)
+    boxes = coder.decode(rois["boxes"], tf.gather(deltas, index, batch_dims=2))
+    target = tf.stop_gradient(matched_iou(boxes, rois["matched"]))
+    logits = tf.gather(iou_logits, index, batch_dims=2)
+    count = tf.maximum(tf.reduce_sum(tf.cast(positive, tf.float32)), 1.0)
+    return masked_sum(binary_cross_entropy(logits, target), positive) / count

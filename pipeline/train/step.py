@@ -22,7 +22,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from pipeline.model.losses import LOSS_NAMES
+from pipeline.model.losses import IOU_LOSS_NAME, LOSS_NAMES
 from pipeline.train.clipping import ClipStrategy
 from pipeline.train.variables import state_variable
 
@@ -105,7 +105,7 @@ class TrainStep(tf.Module):
         with tf.GradientTape() as tape:
             raw = self.model.compute_losses(images, targets, training=True)
             variables = self.model.trainable_variables  # read after the forward pass: layers may build lazily
-            losses = {k: tf.cast(raw[k], tf.float32) for k in LOSS_NAMES}
+            losses = {k: tf.cast(raw[k], tf.float32) for k in (*LOSS_NAMES, IOU_LOSS_NAME) if k in raw}
             total = tf.add_n(list(losses.values()))
             if self.model.losses:  # weight regularisers declared on layers
                 losses["regularization"] = tf.add_n([tf.cast(x, tf.float32) for x in self.model.losses])

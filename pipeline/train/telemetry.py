@@ -16,7 +16,7 @@ from typing import Any
 import tensorflow as tf
 
 from pipeline.files import atomic_write_text
-from pipeline.model.losses import LOSS_NAMES
+from pipeline.model.losses import IOU_LOSS_NAME, LOSS_NAMES
 
 LOG_NAME = "train_log.jsonl"
 
@@ -72,7 +72,7 @@ class Telemetry:
 
 def _tb_name(key: str) -> str:
     """Group scalars in TensorBoard: losses/, clip/, perf/, train/."""
-    if key in ("loss", *LOSS_NAMES, "regularization"):
+    if key in ("loss", *LOSS_NAMES, IOU_LOSS_NAME, "regularization"):
         return f"losses/{key}"
     if key.startswith(("grad_norm", "clip")) or key in {"clipped", "skipped_steps"}:
         return f"clip/{key}"

@@ -164,8 +164,8 @@ def test_geometric_mean_score_fusion_combines_both_stages(make_config):
     cls_logits = tf.constant([[[0.0, 2.0], [0.0, -1.0]]])  # box-head tree probabilities 0.881, 0.269
     deltas = tf.zeros([1, 2, 1, 4])
     objectness = tf.constant([[0.25, 0.81]])
-    a = plain._postprocess(proposals, valid, cls_logits, deltas, 128, 128, objectness)
-    b = fused._postprocess(proposals, valid, cls_logits, deltas, 128, 128, objectness)
+    a = plain._postprocess(proposals, valid, plain._scores(cls_logits, objectness, None), deltas, 128, 128)
+    b = fused._postprocess(proposals, valid, fused._scores(cls_logits, objectness, None), deltas, 128, 128)
     head = tf.sigmoid([2.0, -1.0]).numpy()
     np.testing.assert_allclose(sorted(a["scores"].numpy()[0, :2]), sorted(head), rtol=1e-5)
     expected = np.sqrt(head * [0.25, 0.81])  # 0.469, 0.467: the ranking follows both stages
@@ -180,3 +180,46 @@ def test_inference_with_score_fusion_runs_end_to_end(tiles, make_config):
     scores = out["scores"].numpy()
     assert out["boxes"].shape == (4, 50, 4) and np.all((scores >= 0) & (scores <= 1))
     assert np.all(out["num_detections"].numpy() > 0)
+
+
+def test_iou_score_weighs_each_class_probability_by_the_predicted_iou(make_config):
+    """iou_score: the detection score is sqrt(class probability x sigmoid(IoU logit)), so of two boxes with
+    the same class probability the one predicted to fit better ranks first."""
+    model = build_detector(make_config(score_threshold=0.0, iou_score=True), num_classes=1, bands=3)
+    cls_logits = tf.constant([[[0.0, 2.0], [0.0, 2.0]]])
+    iou_logits = tf.constant([[[1.5], [-0.5]]])
+    scores = model._scores(cls_logits, tf.constant([[0.5, 0.5]]), iou_logits).numpy()[0, :, 0]
+    np.testing.assert_allclose(scores, np.sqrt(tf.sigmoid(2.0).numpy() * tf.sigmoid([1.5, -0.5]).numpy()), rtol=1e-5)
+    assert scores[0] > scores[1]
+
+
+def test_iou_score_adds_a_loss_that_trains_the_iou_branch_towards_the_refined_boxes_iou(tiles, make_config):
+    """The fifth loss term is the BCE of the IoU logit of the true class against the IoU of the decoded box
+    with its ground truth (targets held fixed): a train step moves the IoU layer, the export has the layer."""
+    images, targets = tiles
+    model = build_detector(make_config(iou_score=True), num_classes=2, bands=3)
+    step = _step(model, keras.optimizers.SGD(0.01), jit=False)
+    before = model.box_head.iou.kernel.numpy().copy()
+    losses = step(tf.constant(images), targets)
+    assert tuple(losses) == (*LOSS_NAMES, "roi_iou")
+    assert np.isfinite(float(losses["roi_iou"])) and float(losses["roi_iou"]) > 0.0
+    assert not np.allclose(model.box_head.iou.kernel.numpy(), before)
+    out = model(tf.constant(images[:1]), training=False)
+    n = int(out["num_detections"][0])
+    assert n > 0 and np.all((out["scores"].numpy()[0, :n] > 0) & (out["scores"].numpy()[0, :n] <= 1))
+
+
+def test_roi_iou_loss_is_smallest_when_the_logit_predicts_the_true_iou():
+    """roi_iou_loss against a proposal whose decoded box overlaps its ground truth by IoU 0.5: the BCE is
+    lowest at logit(0.5) = 0 and only positives count."""
+    from pipeline.model.boxes import BoxCoder
+    from pipeline.model.roi import roi_iou_loss
+
+    rois = {"boxes": tf.constant([[[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 4.0, 4.0]]]),
+            "matched": tf.constant([[[0.0, 0.0, 10.0, 20.0], [0.0, 0.0, 4.0, 4.0]]]),
+            "labels": tf.constant([[1, 0]]), "valid": tf.constant([[True, True]])}
+    deltas = tf.zeros([1, 2, 1, 4])
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    loss = {v: float(roi_iou_loss(tf.constant([[[v], [9.0]]]), deltas, rois, coder)) for v in (-1.0, 0.0, 1.0)}
+    assert loss[0.0] < loss[-1.0] and loss[0.0] < loss[1.0]
+    np.testing.assert_allclose(loss[0.0], np.log(2.0), rtol=1e-5)  # BCE(0.5, logit 0); the negative's 9.0 ignored
