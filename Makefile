@@ -32,8 +32,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/satdet run configs/demo.yaml
 
+# Test files are spread over TEST_WORKERS processes (pytest-xdist; a file's tests stay together, so its
+# module and session fixtures are built once per worker). TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline flows tests benchmarks
