@@ -216,7 +216,8 @@ class ModelConfig(_Section):
         False,
         description="The box head also predicts each refined box's IoU with its object (trained with binary "
         "cross-entropy on the sampled positives, loss term roi_iou); a detection's score becomes the geometric "
-        "mean of its class probability and that predicted IoU, so better-fitting boxes rank first (IoU-Net).",
+        "mean of its class probability (after score_fusion, when set) and that predicted IoU, so better-fitting "
+        "boxes rank first (IoU-Net).",
     )
     roi_align_impl: Literal["auto", "crop_and_resize", "gather"] = Field(
         "auto",

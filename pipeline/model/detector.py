@@ -1,7 +1,7 @@
 """FasterRCNN(keras.Model): backbone + FPN + RPN + ROI box head, with static shapes throughout.
 
     model = build_detector(config.model, num_classes=len(config.classes), bands=3)
-    losses = model.compute_losses(images, targets, training=True)   # four float32 scalars
+    losses = model.compute_losses(images, targets, training=True)   # four float32 scalars (five: iou_score)
     detections = model(images, training=False)                       # padded boxes/scores/classes
 
 Images are normalised float32 ``[B, H, W, C]`` with static H, W (any size: they are zero-padded at the

@@ -195,7 +195,7 @@ def test_iou_score_weighs_each_class_probability_by_the_predicted_iou(make_confi
 
 def test_iou_score_adds_a_loss_that_trains_the_iou_branch_towards_the_refined_boxes_iou(tiles, make_config):
     """The fifth loss term is the BCE of the IoU logit of the true class against the IoU of the decoded box
-    with its ground truth (targets held fixed): a train step moves the IoU layer, the export has the layer."""
+    with its ground truth: a train step moves the IoU layer, and inference scores with it."""
     images, targets = tiles
     model = build_detector(make_config(iou_score=True), num_classes=2, bands=3)
     step = _step(model, keras.optimizers.SGD(0.01), jit=False)
@@ -209,17 +209,25 @@ def test_iou_score_adds_a_loss_that_trains_the_iou_branch_towards_the_refined_bo
     assert n > 0 and np.all((out["scores"].numpy()[0, :n] > 0) & (out["scores"].numpy()[0, :n] <= 1))
 
 
-def test_roi_iou_loss_is_smallest_when_the_logit_predicts_the_true_iou():
-    """roi_iou_loss against a proposal whose decoded box overlaps its ground truth by IoU 0.5: the BCE is
-    lowest at logit(0.5) = 0 and only positives count."""
+def test_roi_iou_loss_trains_the_true_class_logit_towards_the_refined_boxes_iou():
+    """roi_iou_loss with two classes: the positive (class 2) overlaps its ground truth by IoU 0.5, so the BCE is
+    lowest at logit(0.5) = 0 of class 2's logit, whatever class 1's logit or the negative's are; the IoU
+    target is held fixed (no gradient reaches the box deltas)."""
     from pipeline.model.boxes import BoxCoder
     from pipeline.model.roi import roi_iou_loss
 
     rois = {"boxes": tf.constant([[[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 4.0, 4.0]]]),
             "matched": tf.constant([[[0.0, 0.0, 10.0, 20.0], [0.0, 0.0, 4.0, 4.0]]]),
-            "labels": tf.constant([[1, 0]]), "valid": tf.constant([[True, True]])}
-    deltas = tf.zeros([1, 2, 1, 4])
+            "labels": tf.constant([[2, 0]]), "valid": tf.constant([[True, True]])}
+    deltas = tf.Variable(tf.zeros([1, 2, 2, 4]))
     coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
-    loss = {v: float(roi_iou_loss(tf.constant([[[v], [9.0]]]), deltas, rois, coder)) for v in (-1.0, 0.0, 1.0)}
-    assert loss[0.0] < loss[-1.0] and loss[0.0] < loss[1.0]
-    np.testing.assert_allclose(loss[0.0], np.log(2.0), rtol=1e-5)  # BCE(0.5, logit 0); the negative's 9.0 ignored
+
+    def loss(v: float) -> float:
+        return float(roi_iou_loss(tf.constant([[[-7.0, v], [9.0, 9.0]]]), deltas, rois, coder))
+
+    assert loss(0.0) < loss(-1.0) and loss(0.0) < loss(1.0)
+    np.testing.assert_allclose(loss(0.0), np.log(2.0), rtol=1e-5)  # BCE(target 0.5, logit 0)
+    with tf.GradientTape() as tape:
+        value = roi_iou_loss(tf.constant([[[0.0, 1.0], [0.0, 0.0]]]), deltas, rois, coder)
+    grad = tape.gradient(value, deltas)
+    assert grad is None or not np.any(grad.numpy())
