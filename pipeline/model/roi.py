@@ -191,7 +191,6 @@ class BoxHead(keras.layers.Layer):
         super().__init__(**kwargs)
         self.num_classes = num_classes
         self.hidden = hidden
-        self.with_iou = bool(iou)
         self.fc1 = keras.layers.Dense(hidden, activation="relu", dtype=self.dtype_policy, name="fc1")
         self.fc2 = keras.layers.Dense(hidden, activation="relu", dtype=self.dtype_policy, name="fc2")
         self.cls = keras.layers.Dense(num_classes + 1, kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
@@ -199,7 +198,7 @@ class BoxHead(keras.layers.Layer):
         self.box = keras.layers.Dense(4 * num_classes, kernel_initializer=keras.initializers.RandomNormal(stddev=0.001),
                                       dtype=self.dtype_policy, name="box")
         self.iou = keras.layers.Dense(num_classes, kernel_initializer=keras.initializers.RandomNormal(stddev=0.01),
-                                      dtype=self.dtype_policy, name="iou") if self.with_iou else None
+                                      dtype=self.dtype_policy, name="iou") if iou else None
 
     def build(self, input_shape: tuple) -> None:
         """``input_shape``: [B, R, size, size, C] pooled features."""
@@ -223,7 +222,13 @@ class BoxHead(keras.layers.Layer):
         return logits, deltas, tf.cast(self.iou(x), tf.float32)
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "num_classes": self.num_classes, "hidden": self.hidden, "iou": self.with_iou}
+        return {**super().get_config(), "num_classes": self.num_classes, "hidden": self.hidden, "iou": self.iou is not None}
+
+
+def _of_true_class(values: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """The class-specific head outputs `values` [B, S, K, ...] of each ROI's labelled class (1-based
+    `labels` [B, S]; background ROIs get class 1's, for masking by the caller)."""
+    return tf.gather(values, tf.maximum(labels - 1, 0), batch_dims=2)
 
 
 def roi_loss(
@@ -241,7 +246,7 @@ def roi_loss(
     count = tf.maximum(tf.reduce_sum(tf.cast(valid, tf.float32)), 1.0)
     cls = masked_sum(softmax_cross_entropy(logits, tf.maximum(labels, 0)), valid) / count
     positive = valid & (labels > 0)
-    class_deltas = tf.gather(deltas, tf.maximum(labels - 1, 0), batch_dims=2)  # [B, S, 4]
+    class_deltas = _of_true_class(deltas, labels)  # [B, S, 4]
     if box_loss == "giou":
         boxes = coder.decode(rois["boxes"], class_deltas)
         per_roi = GIOU_LOSS_WEIGHT * (1.0 - generalized_iou(boxes, tf.stop_gradient(rois["matched"])))
@@ -259,9 +264,8 @@ def roi_iou_loss(iou_logits: tf.Tensor, deltas: tf.Tensor, rois: dict[str, tf.Te
     positives: the head learns how well each of its boxes fits, the detection score then weighs it in."""
     labels = rois["labels"]
     positive = rois["valid"] & (labels > 0)
-    index = tf.maximum(labels - 1, 0)
-    boxes = coder.decode(rois["boxes"], tf.gather(deltas, index, batch_dims=2))
+    boxes = coder.decode(rois["boxes"], _of_true_class(deltas, labels))
     target = tf.stop_gradient(matched_iou(boxes, rois["matched"]))
-    logits = tf.gather(iou_logits, index, batch_dims=2)
+    logits = _of_true_class(iou_logits, labels)
     count = tf.maximum(tf.reduce_sum(tf.cast(positive, tf.float32)), 1.0)
     return masked_sum(binary_cross_entropy(logits, target), positive) / count
